@@ -1,0 +1,18 @@
+/**
+ * The backing device: the slow storage that pcache fronts. A file, a block device, memory in
+ * tests, or (later) an NBD export. Every call either completes whole or rejects; a failing
+ * backing device rejects, it never returns zeros.
+ */
+export interface BackingDevice {
+  /** A label for messages and the table line (a path or a URI). */
+  readonly name: string;
+  /** Size in bytes. */
+  size(): number;
+  /** Fill `buf` from `offset`. */
+  read(buf: Buffer, offset: number): Promise<void>;
+  /** Write `data` at `offset`. */
+  write(data: Buffer, offset: number): Promise<void>;
+  /** Make every completed write durable. */
+  flush(): Promise<void>;
+  close(): Promise<void>;
+}

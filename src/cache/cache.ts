@@ -1,0 +1,310 @@
+import type { BackingDevice } from '../backing/backing.js';
+import {
+  CACHE_MODES,
+  flagsDataCrc,
+  flagsGcPercent,
+  flagsInitDone,
+  flagsMode,
+  FormatError,
+  GC_PERCENT_DEFAULT,
+  GC_PERCENT_MAX,
+  withGcPercent,
+  type CacheMode,
+  type Position,
+} from '../format/index.js';
+import type { Medium } from '../media/medium.js';
+import type { BlockDevice } from './block-device.js';
+import { newCounters, type CacheCore, type Counters } from './core.js';
+import { DataHead } from './data-head.js';
+import { CacheError } from './errors.js';
+import { formatCache } from './format.js';
+import { Gc } from './gc.js';
+import { KsetLog } from './kset-log.js';
+import { isBlank, loadMeta, type CacheMeta } from './meta.js';
+import { cacheInfoRecord, dirtyTailRecord, keyTailRecord, type TwoSlotRecord } from './persist.js';
+import { isStale, readData } from './read.js';
+import { replay } from './replay.js';
+import type { CacheStatus } from './status.js';
+import { writeData, Zeroer } from './write.js';
+import { Writeback } from './writeback.js';
+
+export interface CacheOptions {
+  /** dm-pcache's data_crc; must match what the cache was formatted with. Default: as persisted (false when formatting). */
+  dataCrc?: boolean;
+  /** dm-pcache's cache_mode; only writeback is implemented. */
+  cacheMode?: CacheMode;
+  /** Used when the device is formatted on first open. */
+  gcPercent?: number;
+  /** Write-back looks for work this often when not kicked (dm-pcache: 5 s). */
+  writebackIntervalMs?: number;
+  /** An open kset is closed this long after its first key (dm-pcache: about 1 s). */
+  ksetCloseMs?: number;
+  /** Format an unformatted device on open (as dm-pcache does). Default true. */
+  formatIfBlank?: boolean;
+}
+
+function checkOptions(meta: CacheMeta, opts: CacheOptions): void {
+  const persistedCrc = flagsDataCrc(meta.cacheInfo.flags);
+  if (opts.dataCrc !== undefined && opts.dataCrc !== persistedCrc) {
+    throw new CacheError(`invalid option for data_crc: ${opts.dataCrc}, expected: ${persistedCrc}`);
+  }
+  const persistedMode = flagsMode(meta.cacheInfo.flags);
+  if (opts.cacheMode !== undefined && opts.cacheMode !== persistedMode) {
+    throw new CacheError(`invalid option for cache_mode: ${opts.cacheMode}, expected: ${persistedMode}`);
+  }
+  if (persistedMode !== 'writeback') throw new CacheError(`cache mode ${persistedMode} is not supported (only writeback)`);
+}
+
+/**
+ * pcache: a block device over a cache device and a backing device, in dm-pcache's format.
+ * open() formats a blank device, loads the metadata, replays the log, and starts write-back.
+ */
+export class Cache implements BlockDevice {
+  private readonly core: CacheCore;
+  private readonly zeroer: Zeroer;
+  private readonly inFlight = new Set<Promise<unknown>>();
+  private closed = false;
+  private sweepPending = false;
+  private cacheFlags: number;
+
+  private constructor(
+    readonly medium: Medium,
+    readonly backing: BackingDevice,
+    private readonly meta: CacheMeta,
+    core: CacheCore,
+    private readonly gc: Gc,
+    private readonly writeback: Writeback,
+    private readonly cacheInfo: TwoSlotRecord<{ segId: number; nSegs: number; flags: number }>,
+    readonly replayNote: string | null,
+  ) {
+    this.core = core;
+    this.zeroer = new Zeroer(core);
+    this.cacheFlags = meta.cacheInfo.flags;
+  }
+
+  static async open(medium: Medium, backing: BackingDevice, opts: CacheOptions = {}): Promise<Cache> {
+    if (opts.cacheMode !== undefined && !CACHE_MODES.includes(opts.cacheMode)) throw new CacheError(`Invalid cache mode parameter`);
+    if (opts.gcPercent !== undefined && (!Number.isInteger(opts.gcPercent) || opts.gcPercent < 0 || opts.gcPercent > GC_PERCENT_MAX)) {
+      throw new CacheError(`gc_percent must be within 0..${GC_PERCENT_MAX}`);
+    }
+    if ((opts.formatIfBlank ?? true) && (await isBlank(medium))) {
+      const f = await formatCache(medium, { dataCrc: opts.dataCrc ?? false, mode: opts.cacheMode ?? 'writeback', gcPercent: opts.gcPercent ?? GC_PERCENT_DEFAULT });
+      if (f instanceof FormatError) throw new CacheError(f.message);
+    }
+    let meta = await loadMeta(medium);
+    if (meta instanceof FormatError) throw new CacheError(`${medium.path}: ${meta.message}`, 'EIO');
+    if (!flagsInitDone(meta.cacheInfo.flags)) {
+      // dm-pcache treats a cache whose first start never finished as fresh.
+      const f = await formatCache(medium, { dataCrc: opts.dataCrc ?? flagsDataCrc(meta.cacheInfo.flags), mode: 'writeback', gcPercent: flagsGcPercent(meta.cacheInfo.flags) });
+      if (f instanceof FormatError) throw new CacheError(f.message);
+      meta = await loadMeta(medium);
+      if (meta instanceof FormatError) throw new CacheError(`${medium.path}: ${meta.message}`, 'EIO');
+    }
+    checkOptions(meta, opts);
+    const dataCrc = flagsDataCrc(meta.cacheInfo.flags);
+    const backingSize = backing.size();
+    const r = await replay(medium, meta, backingSize, dataCrc);
+
+    const stats: Counters = newCounters();
+    stats.dirtyBytes = r.dirtyBytes;
+    let cache: Cache | undefined;
+    const log = new KsetLog(medium, meta.physOf, r.segments, r.keyHead, opts.ksetCloseMs ?? 1000, {
+      written: () => cache?.writeback.kick(),
+      needSpace: () => cache?.needSpace(),
+      error: () => undefined,
+    });
+    const core: CacheCore = {
+      medium,
+      backing,
+      physOf: meta.physOf,
+      dataCrc,
+      backingSize,
+      segments: r.segments,
+      index: r.index,
+      log,
+      head: new DataHead(r.segments),
+      stats,
+      needSpace: () => cache?.needSpace(),
+      track: (p) => cache?.track(p),
+    };
+    const writeback = new Writeback(core, meta.dirtyTail, dirtyTailRecord(medium, meta.dirtyTailSlot), opts.writebackIntervalMs ?? 5000, () =>
+      cache?.gc.kick(),
+    );
+    const gc = new Gc(core, meta.keyTail, keyTailRecord(medium, meta.keyTailSlot), () => writeback.dirtyTail, flagsGcPercent(meta.cacheInfo.flags));
+    cache = new Cache(medium, backing, meta, core, gc, writeback, cacheInfoRecord(medium, meta.cacheInfoSlot), r.endNote);
+    r.segments.onFree = () => stats.segmentsFreed++;
+    r.segments.onInvalidate = () => cache?.scheduleSweep();
+    writeback.start();
+    writeback.kick();
+    gc.kick();
+    return cache;
+  }
+
+  size(): number {
+    return this.core.backingSize;
+  }
+
+  private needSpace(): void {
+    this.core.log.close().catch(() => undefined);
+    this.writeback.kick();
+    this.gc.kick();
+  }
+
+  private track(p: Promise<unknown>): void {
+    this.inFlight.add(p);
+    p.finally(() => this.inFlight.delete(p)).catch(() => undefined);
+  }
+
+  /** Drop stale keys from the index in the background, once per burst of invalidations. */
+  private scheduleSweep(): void {
+    if (this.sweepPending) return;
+    this.sweepPending = true;
+    setImmediate(() => {
+      this.sweepPending = false;
+      this.core.stats.staleKeysDropped += this.core.index.sweep((k) => isStale(this.core, k));
+    });
+  }
+
+  private checkRange(off: number, len: number): void {
+    if (this.closed) throw new CacheError('cache is closed', 'ESHUTDOWN');
+    if (!Number.isSafeInteger(off) || !Number.isSafeInteger(len) || off < 0 || len < 0 || off + len > this.core.backingSize) {
+      throw new CacheError(`request ${off}+${len} is outside the device (${this.core.backingSize} bytes)`, 'EINVAL');
+    }
+  }
+
+  private run<T>(p: Promise<T>): Promise<T> {
+    this.track(p);
+    return p;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    this.checkRange(offset, length);
+    this.core.stats.reads++;
+    this.core.stats.readBytes += length;
+    if (length === 0) return Promise.resolve(Buffer.alloc(0));
+    return this.run(readData(this.core, offset, length));
+  }
+
+  write(offset: number, data: Buffer, opts: { fua?: boolean } = {}): Promise<void> {
+    this.checkRange(offset, data.length);
+    this.core.stats.writes++;
+    this.core.stats.writeBytes += data.length;
+    if (opts.fua) this.core.stats.fuaWrites++;
+    return this.run(
+      (async () => {
+        await writeData(this.core, offset, data);
+        if (opts.fua) await this.persistLog();
+      })(),
+    );
+  }
+
+  writeZeroes(offset: number, length: number, opts: { fua?: boolean } = {}): Promise<void> {
+    this.checkRange(offset, length);
+    this.core.stats.zeroWrites++;
+    this.core.stats.zeroBytes += length;
+    return this.run(
+      (async () => {
+        await this.zeroer.zero(offset, length);
+        if (opts.fua) await this.persistLog();
+      })(),
+    );
+  }
+
+  /** Every write acknowledged before this call is durable when it resolves. */
+  flush(): Promise<void> {
+    if (this.closed) return Promise.reject(new CacheError('cache is closed', 'ESHUTDOWN'));
+    this.core.stats.flushes++;
+    return this.run(this.persistLog());
+  }
+
+  private async persistLog(): Promise<void> {
+    await this.core.log.close();
+    await this.core.medium.sync();
+  }
+
+  setGcPercent(n: number): Promise<void> {
+    if (!Number.isInteger(n) || n < 0 || n > GC_PERCENT_MAX) return Promise.reject(new CacheError('Invalid argument', 'EINVAL'));
+    const flags = withGcPercent(this.cacheFlags, n);
+    return this.cacheInfo.store({ segId: this.meta.cacheInfo.segId, nSegs: this.meta.cacheInfo.nSegs, flags }).then(() => {
+      this.cacheFlags = flags;
+      this.gc.gcPercent = n;
+      this.gc.kick();
+    });
+  }
+
+  get dirtyTail(): Position {
+    return this.writeback.dirtyTail;
+  }
+  get keyHead(): Position {
+    return this.core.log.keyHead;
+  }
+  get keyTail(): Position {
+    return this.gc.keyTail;
+  }
+
+  status(): CacheStatus {
+    const s = this.core.segments;
+    return {
+      sbFlags: this.meta.sb.flags,
+      segNum: this.meta.sb.segNum,
+      nSegs: s.n,
+      segsUsed: s.usedSegments,
+      gcPercent: this.gc.gcPercent,
+      cacheFlags: this.cacheFlags,
+      keyHead: this.keyHead,
+      dirtyTail: this.dirtyTail,
+      keyTail: this.keyTail,
+      dataCrc: this.core.dataCrc,
+      cacheMode: flagsMode(this.cacheFlags) ?? 'unknown',
+      dirtyBytes: this.core.stats.dirtyBytes,
+      indexKeys: this.core.index.size,
+      openKeys: this.core.log.openKeys,
+      writebackError: this.writeback.lastError,
+      gcError: this.gc.lastError,
+      counters: { ...this.core.stats },
+    };
+  }
+
+  /**
+   * Write back everything dirty: close the open kset, then wait until dirty_tail reaches key_head.
+   * `onProgress` sees each step; a write-back error rejects once `maxErrors` retries have failed.
+   */
+  async drain(opts: { onProgress?: (s: CacheStatus) => void; maxErrors?: number } = {}): Promise<void> {
+    await this.persistLog();
+    let errors = 0;
+    while (!this.writeback.clean) {
+      const before = this.core.stats.writebackErrors;
+      const p = this.writeback.progress();
+      this.writeback.kick();
+      await p;
+      opts.onProgress?.(this.status());
+      if (this.core.stats.writebackErrors > before && ++errors > (opts.maxErrors ?? Infinity)) {
+        throw new CacheError(`write-back failed: ${this.writeback.lastError}`, 'EIO');
+      }
+    }
+  }
+
+  /** Clean shutdown: finish requests in flight, write the open kset, sync, stop the engines. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    while (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
+    try {
+      await this.persistLog();
+    } finally {
+      this.core.log.stop();
+      await this.writeback.stop();
+      await this.gc.stop();
+      await this.core.segments.settle();
+      await this.core.medium.sync();
+    }
+  }
+
+  /** Stop timers and engines without writing anything: the state a crash leaves (tests). */
+  async abandon(): Promise<void> {
+    this.closed = true;
+    this.core.log.stop();
+    await this.writeback.stop();
+    await this.gc.stop();
+  }
+}

@@ -1,0 +1,234 @@
+import {
+  dataOffset,
+  describeKey,
+  FormatError,
+  flagsDataCrc,
+  flagsInitDone,
+  formatPosition,
+  hex32,
+  KEY_FLAG_CLEAN,
+  pcacheCrc,
+  samePosition,
+  SB_OFF,
+  SB_SIZE,
+  superblockBlank,
+  validateKey,
+  type Key,
+  type Position,
+} from '../format/index.js';
+import type { Medium } from '../media/medium.js';
+import { walkLog } from './log.js';
+import { loadMeta, type CacheMeta } from './meta.js';
+
+export interface CheckOptions {
+  /** The backing device's size in bytes; keys reaching past it are problems. Unknown: not checked. */
+  backingSize?: number;
+  /** Stop listing problems after this many (a forged log could otherwise name millions). */
+  maxProblems?: number;
+}
+
+export interface CheckReport {
+  device: string;
+  deviceSize: number;
+  /** Segments the superblock declares; null when the superblock is unusable. */
+  segNum: number | null;
+  /** Cache segments (cache_info n_segs); 0 when unknown. */
+  segments: number;
+  /** Segments holding the log or data of a non-stale key. */
+  usedSegments: number;
+  dataCrc: boolean | null;
+  keyTail: Position | null;
+  dirtyTail: Position | null;
+  /** Where the log ends: the next kset would be written here. */
+  keyHead: Position | null;
+  /** Why the log ends at keyHead. */
+  logEnd: string | null;
+  /** Bytes of all ksets from key_tail to key_head, LAST ksets included. */
+  logBytes: number;
+  /** Ksets from key_tail to key_head, LAST ksets included. */
+  ksets: number;
+  lastKsets: number;
+  /** Every key in those ksets, stale ones included. */
+  keys: number;
+  /** Keys older than their segment's generation: dead, and not errors. */
+  staleKeys: number;
+  /** Keys without CLEAN at or after dirty_tail: not yet on the backing device. */
+  dirtyKeys: number;
+  dirtyBytes: number;
+  /** Keys flagged CLEAN (filled from the backing device). */
+  cleanKeys: number;
+  /** Keys whose data was read and matched its data_crc. */
+  dataCrcVerified: number;
+  problems: string[];
+  warnings: string[];
+  clean: boolean;
+}
+
+const DEFAULT_MAX_PROBLEMS = 1000;
+
+function emptyReport(medium: Medium): CheckReport {
+  return {
+    device: medium.path,
+    deviceSize: medium.size(),
+    segNum: null,
+    segments: 0,
+    usedSegments: 0,
+    dataCrc: null,
+    keyTail: null,
+    dirtyTail: null,
+    keyHead: null,
+    logEnd: null,
+    logBytes: 0,
+    ksets: 0,
+    lastKsets: 0,
+    keys: 0,
+    staleKeys: 0,
+    dirtyKeys: 0,
+    dirtyBytes: 0,
+    cleanKeys: 0,
+    dataCrcVerified: 0,
+    problems: [],
+    warnings: [],
+    clean: false,
+  };
+}
+
+function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/**
+ * Validate everything reachable on a cache device: the records outside the log, the order of the
+ * tails, every kset from key_tail to the end of the log, its keys, and their data CRCs. Never
+ * throws: whatever goes wrong, including an I/O error, ends up in the report's problems.
+ */
+export async function checkCache(medium: Medium, opts: CheckOptions = {}): Promise<CheckReport> {
+  const report = emptyReport(medium);
+  const max = opts.maxProblems ?? DEFAULT_MAX_PROBLEMS;
+  let suppressed = 0;
+  const problem = (msg: string): void => {
+    if (report.problems.length < max) report.problems.push(msg);
+    else suppressed++;
+  };
+  try {
+    await runCheck(medium, opts, report, problem);
+  } catch (err) {
+    problem(`check stopped: ${messageOf(err)}`);
+  }
+  if (suppressed > 0) report.problems.push(`... and ${suppressed} more problems`);
+  report.clean = report.problems.length === 0;
+  return report;
+}
+
+async function runCheck(medium: Medium, opts: CheckOptions, report: CheckReport, problem: (msg: string) => void): Promise<void> {
+  if (opts.backingSize !== undefined && !(Number.isSafeInteger(opts.backingSize) && opts.backingSize >= 0)) {
+    problem(`backing size ${opts.backingSize} is not a byte count`);
+    return;
+  }
+  if (report.deviceSize >= SB_OFF + SB_SIZE) {
+    const raw = Buffer.alloc(SB_SIZE);
+    await medium.read(raw, SB_OFF);
+    if (superblockBlank(raw)) {
+      problem('superblock: magic is 0: the device is not formatted');
+      return;
+    }
+  }
+  const meta = await loadMeta(medium);
+  if (meta instanceof FormatError) {
+    problem(meta.message);
+    return;
+  }
+  report.segNum = meta.sb.segNum;
+  report.segments = meta.cacheInfo.nSegs;
+  report.dataCrc = flagsDataCrc(meta.cacheInfo.flags);
+  report.keyTail = { seg: meta.keyTail.seg, off: meta.keyTail.off };
+  report.dirtyTail = { seg: meta.dirtyTail.seg, off: meta.dirtyTail.off };
+  report.warnings.push(...meta.warnings);
+  if (!flagsInitDone(meta.cacheInfo.flags)) {
+    report.warnings.push('cache_info: INIT_DONE is clear: dm-pcache would start this cache empty, ignoring the tails and the log');
+  }
+  await checkLog(medium, meta, opts, report, problem);
+}
+
+async function checkLog(
+  medium: Medium,
+  meta: CacheMeta,
+  opts: CheckOptions,
+  report: CheckReport,
+  problem: (msg: string) => void,
+): Promise<void> {
+  const nSegs = meta.cacheInfo.nSegs;
+  const dataCrc = report.dataCrc === true;
+  const used = new Set<number>();
+  let dirtyMet = false;
+
+  const checkKey = async (where: string, key: Key): Promise<void> => {
+    const bad = validateKey(key, { nSegs, backingSize: opts.backingSize });
+    if (bad) {
+      problem(`${where}: ${bad.message}`);
+      return;
+    }
+    const gen = meta.gens[key.seg]!;
+    if (key.gen < gen) {
+      report.staleKeys++;
+      return;
+    }
+    if (key.gen > gen) {
+      report.warnings.push(`${where}: ${describeKey(key)}: generation ${key.gen} is newer than its segment's (${gen})`);
+    }
+    used.add(key.seg);
+    if (key.flags & KEY_FLAG_CLEAN) report.cleanKeys++;
+    else if (dirtyMet) {
+      report.dirtyKeys++;
+      report.dirtyBytes += key.len;
+    }
+    if (!dataCrc) return;
+    // validateKey bounded seg and the range, so this read stays inside the segment's data area.
+    const data = Buffer.allocUnsafe(key.len);
+    await medium.read(data, dataOffset(meta.physOf[key.seg]!, key.segOff));
+    const crc = pcacheCrc(data);
+    if (crc !== key.dataCrc) {
+      problem(`${where}: ${describeKey(key)}: data_crc mismatch (stored 0x${hex32(key.dataCrc)}, data has 0x${hex32(crc)})`);
+    } else {
+      report.dataCrcVerified++;
+    }
+  };
+
+  const end = await walkLog(medium, meta.physOf, meta.keyTail, async (pos, kset) => {
+    if (samePosition(pos, meta.dirtyTail)) dirtyMet = true;
+    report.ksets++;
+    report.logBytes += kset.size;
+    if (kset.last) {
+      report.lastKsets++;
+      return;
+    }
+    for (let i = 0; i < kset.keys.length; i++) {
+      report.keys++;
+      await checkKey(`kset at ${formatPosition(pos)} key ${i}`, kset.keys[i]!);
+    }
+  });
+
+  report.keyHead = { seg: end.head.seg, off: end.head.off };
+  const at = formatPosition(end.head);
+  switch (end.reason.problem) {
+    case 'bad-magic':
+      report.logEnd = `no kset magic at ${at}`;
+      break;
+    case 'bad-crc':
+      report.logEnd = `damaged kset at ${at}`;
+      report.warnings.push(`log ends at a damaged kset at ${at}: possibly a torn write (${end.reason.message})`);
+      break;
+    default:
+      report.logEnd = `invalid kset at ${at}`;
+      problem(`log at ${at}: ${end.reason.message}`);
+  }
+  for (const s of end.segments) used.add(s);
+  report.usedSegments = used.size;
+
+  if (!dirtyMet && !samePosition(meta.dirtyTail, end.head)) {
+    problem(
+      `dirty_tail ${formatPosition(meta.dirtyTail)} is not at a kset of the log between key_tail ` +
+        `${formatPosition(meta.keyTail)} and key_head ${at}`,
+    );
+  }
+}

@@ -1,0 +1,102 @@
+import { FormatError, samePosition, validateKey, type Position } from '../format/index.js';
+import type { CacheCore } from './core.js';
+import { readKset } from './log.js';
+import type { TwoSlotRecord } from './persist.js';
+
+/** Ksets collected between two key_tail updates: each update costs a sync. */
+const GC_BATCH = 64;
+
+/**
+ * Garbage collection: from key_tail, never past dirty_tail, drop one segment reference per key of
+ * each kset and advance key_tail (persisted). A LAST kset moves key_tail to the next segment and
+ * frees the log segment it leaves, once the new key_tail is durable.
+ */
+export class Gc {
+  gcPercent: number;
+  private running: Promise<void> | null = null;
+  private again = false;
+  private stopped = false;
+  lastError: string | null = null;
+
+  constructor(
+    private readonly core: CacheCore,
+    private keyTailPos: Position,
+    private readonly keyTailRecord: TwoSlotRecord<Position>,
+    private readonly dirtyTail: () => Position,
+    gcPercent: number,
+  ) {
+    this.gcPercent = gcPercent;
+  }
+
+  get keyTail(): Position {
+    return { ...this.keyTailPos };
+  }
+
+  private wanted(): boolean {
+    const s = this.core.segments;
+    return s.waiting > 0 || this.core.stats.writesWaiting > 0 || s.usedSegments * 100 >= this.gcPercent * s.n;
+  }
+
+  kick(): void {
+    if (this.stopped) return;
+    if (this.running) {
+      this.again = true;
+      return;
+    }
+    this.running = this.loop().finally(() => {
+      this.running = null;
+    });
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.running;
+  }
+
+  private async loop(): Promise<void> {
+    do {
+      this.again = false;
+      try {
+        await this.collect();
+      } catch (err) {
+        this.lastError = err instanceof Error ? err.message : String(err);
+      }
+    } while (this.again && !this.stopped);
+  }
+
+  private async collect(): Promise<void> {
+    const { core } = this;
+    let ran = false;
+    while (!this.stopped && this.wanted() && !samePosition(this.keyTailPos, this.dirtyTail())) {
+      if (!ran) {
+        core.stats.gcRuns++;
+        ran = true;
+      }
+      let leftSeg = -1;
+      for (let n = 0; n < GC_BATCH && !samePosition(this.keyTailPos, this.dirtyTail()); n++) {
+        const pos = this.keyTailPos;
+        const kset = await readKset(core.medium, core.physOf, pos);
+        if (kset instanceof FormatError) throw new Error(`gc: kset at key_tail ${pos.seg}:${pos.off}: ${kset.message}`);
+        if (kset.last) {
+          if (this.dirtyTail().seg === pos.seg) break;
+          leftSeg = pos.seg;
+          this.keyTailPos = { seg: kset.nextSeg, off: 0 };
+          break;
+        }
+        for (const key of kset.keys) {
+          if (validateKey(key, { nSegs: core.segments.n }) !== null) continue;
+          // Stale keys took no reference at replay; they give none back.
+          if (key.gen !== core.segments.gens[key.seg]) continue;
+          core.segments.put(key.seg);
+        }
+        this.keyTailPos = { seg: pos.seg, off: pos.off + kset.size };
+        core.stats.gcKsets++;
+      }
+      await this.keyTailRecord.store(this.keyTailPos);
+      if (leftSeg >= 0) {
+        core.segments.freeLogSegment(leftSeg);
+        core.stats.segmentsFreed++;
+      }
+    }
+  }
+}

@@ -1,0 +1,134 @@
+import {
+  dataOffset,
+  encodeKset,
+  encodeLastKset,
+  KSET_HEADER_SIZE,
+  KSET_KEYS_MAX,
+  ksetSize,
+  SEG_DATA_SIZE,
+  type Key,
+  type Position,
+} from '../format/index.js';
+import type { Medium } from '../media/medium.js';
+import type { Segments } from './segments.js';
+
+const LOG_END = Buffer.alloc(KSET_HEADER_SIZE);
+
+export interface KsetLogHooks {
+  /** A kset reached the log: write-back has work. */
+  written(): void;
+  /** The log needs a segment and none is free: make GC and write-back run. */
+  needSpace(): void;
+  /** A timed or full close failed; the keys stay queued and the next close retries them. */
+  error(err: unknown): void;
+}
+
+/**
+ * The key log. Keys are gathered in one open kset, which is closed (written at key_head) when it
+ * holds 128 keys, when a FUA write or a FLUSH asks, and about `closeMs` after its first key.
+ *
+ * Invariants:
+ * - ksets reach the log one at a time, in the order their keys were appended;
+ * - the data every key points to is synced before the kset holding it is written (spec 7);
+ * - there is always room after a kset for a LAST kset (the segment switch needs 24 bytes).
+ */
+export class KsetLog {
+  private open: Key[] = [];
+  private timer: NodeJS.Timeout | undefined;
+  private chain: Promise<void> = Promise.resolve();
+  /** Ksets written since the process started (status). */
+  ksetsWritten = 0;
+
+  constructor(
+    private readonly medium: Medium,
+    private readonly physOf: readonly number[],
+    private readonly segments: Segments,
+    private head: Position,
+    private readonly closeMs: number,
+    private readonly hooks: KsetLogHooks,
+  ) {}
+
+  get keyHead(): Position {
+    return { seg: this.head.seg, off: this.head.off };
+  }
+
+  get openKeys(): number {
+    return this.open.length;
+  }
+
+  append(key: Key): void {
+    this.open.push(key);
+    if (this.open.length >= KSET_KEYS_MAX) {
+      this.close().catch((e) => this.hooks.error(e));
+    } else if (this.open.length === 1 && !this.timer) {
+      this.timer = setTimeout(() => {
+        this.timer = undefined;
+        this.close().catch((e) => this.hooks.error(e));
+      }, this.closeMs);
+      this.timer.unref();
+    }
+  }
+
+  /**
+   * Close the open kset. Resolves once it and every kset closed before it are in the log (not yet
+   * synced: FLUSH syncs after this).
+   */
+  close(): Promise<void> {
+    if (this.timer) {
+      clearTimeout(this.timer);
+      this.timer = undefined;
+    }
+    const run = this.chain.then(() => this.writeQueued());
+    this.chain = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Stop the timer without writing (an abandoned cache in tests). */
+  stop(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+
+  private async writeQueued(): Promise<void> {
+    while (this.open.length > 0) {
+      const keys = this.open.splice(0, KSET_KEYS_MAX);
+      try {
+        await this.medium.sync();
+        await this.writeKset(keys);
+      } catch (err) {
+        this.open.unshift(...keys);
+        throw err;
+      }
+    }
+  }
+
+  private async writeKset(keys: Key[]): Promise<void> {
+    const size = ksetSize(keys.length);
+    if (SEG_DATA_SIZE - this.head.off < size + KSET_HEADER_SIZE) await this.switchSegment();
+    await this.medium.write(encodeKset(keys, KSET_HEADER_SIZE), dataOffset(this.physOf[this.head.seg]!, this.head.off));
+    this.head = { seg: this.head.seg, off: this.head.off + size };
+    this.ksetsWritten++;
+    this.hooks.written();
+  }
+
+  /** Move the log to a fresh segment: end the log there first, then point to it with a LAST kset. */
+  private async switchSegment(): Promise<void> {
+    let seg = this.segments.allocate(0);
+    while (seg === null) {
+      this.hooks.needSpace();
+      await Promise.race([this.segments.waitForFree(), new Promise((r) => setTimeout(r, 200).unref())]);
+      seg = this.segments.allocate(0);
+    }
+    try {
+      await this.medium.write(LOG_END, dataOffset(this.physOf[seg]!, 0));
+      // The new segment's old content must be gone before anything can lead replay into it.
+      await this.medium.sync();
+      await this.medium.write(encodeLastKset(seg), dataOffset(this.physOf[this.head.seg]!, this.head.off));
+    } catch (err) {
+      this.segments.freeLogSegment(seg);
+      throw err;
+    }
+    this.head = { seg, off: 0 };
+    this.hooks.written();
+  }
+}

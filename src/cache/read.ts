@@ -1,0 +1,127 @@
+import { dataOffset, KEY_FLAG_CLEAN, KEY_FLAG_EMPTY, pcacheCrc } from '../format/index.js';
+import type { CacheCore } from './core.js';
+import { FILL_RESERVE } from './core.js';
+import { ioError } from './errors.js';
+import { isPlaceholder, type FillToken, type IndexKey } from './key-index.js';
+import { commitKey } from './write.js';
+
+let fillIds = 0;
+
+export function isStale(core: CacheCore, k: IndexKey): boolean {
+  return !isPlaceholder(k) && k.gen !== core.segments.gens[k.seg];
+}
+
+/**
+ * The read path: hits are copied from the cache (their segments pinned so GC cannot reuse them
+ * meanwhile); gaps are read from the backing device behind an EMPTY placeholder, and filled into
+ * the cache afterwards, in the background, for whatever part of the placeholder no write replaced.
+ */
+export async function readData(core: CacheCore, off: number, len: number): Promise<Buffer> {
+  const out = Buffer.allocUnsafe(len);
+  const io: Promise<void>[] = [];
+  const gaps: Array<{ from: number; to: number; fill: boolean }> = [];
+  let staleDropped = 0;
+  core.index.walk(
+    off,
+    len,
+    (k) => {
+      const stale = isStale(core, k);
+      if (stale) staleDropped++;
+      return stale;
+    },
+    (k, from, to) => {
+      if (isPlaceholder(k)) {
+        // Another read is filling this range: read the backing too, but leave the fill to it.
+        gaps.push({ from, to, fill: false });
+        return;
+      }
+      core.stats.readHitBytes += to - from;
+      const seg = k.seg;
+      core.segments.pin(seg);
+      io.push(
+        core.medium
+          .read(out.subarray(from - off, to - off), dataOffset(core.physOf[seg]!, k.segOff + (from - k.off)))
+          .catch((err) => {
+            throw ioError(err, 'cache device read failed');
+          })
+          .finally(() => core.segments.unpin(seg)),
+      );
+    },
+    (from, to) => gaps.push({ from, to, fill: true }),
+  );
+  core.stats.staleKeysDropped += staleDropped;
+  if (gaps.length === 0) core.stats.readHits++;
+  else core.stats.readMisses++;
+  for (const g of gaps) {
+    core.stats.readMissBytes += g.to - g.from;
+    const dst = out.subarray(g.from - off, g.to - off);
+    let token: FillToken | undefined;
+    if (g.fill) {
+      token = { id: ++fillIds };
+      core.index.insert({ off: g.from, len: g.to - g.from, flags: KEY_FLAG_EMPTY, seg: 0, segOff: 0, gen: 0, fill: token });
+    }
+    io.push(
+      core.backing.read(dst, g.from).then(
+        () => {
+          if (token) core.track(fill(core, token, g.from, Buffer.from(dst)));
+        },
+        (err) => {
+          if (token) dropPlaceholder(core, token, g.from, g.to - g.from);
+          throw ioError(err, 'backing device read failed');
+        },
+      ),
+    );
+  }
+  const results = await Promise.allSettled(io);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
+  return out;
+}
+
+function dropPlaceholder(core: CacheCore, token: FillToken, off: number, len: number): void {
+  for (const p of core.index.placeholderPieces(token, off, len)) core.index.remove(p);
+}
+
+/** Is [off, off+len) still wholly covered by one piece of the placeholder? */
+function stillCovered(core: CacheCore, token: FillToken, off: number, len: number): boolean {
+  const pieces = core.index.placeholderPieces(token, off, len);
+  return pieces.length === 1 && pieces[0]!.off <= off && pieces[0]!.off + pieces[0]!.len >= off + len;
+}
+
+/** Write what is left of the placeholder into the cache as CLEAN keys. Best effort: never waits for space. */
+async function fill(core: CacheCore, token: FillToken, from: number, data: Buffer): Promise<void> {
+  try {
+    for (const p of core.index.placeholderPieces(token, from, data.length)) {
+      let pos = p.off;
+      const end = p.off + p.len;
+      while (pos < end) {
+        const ext = core.head.tryAlloc(end - pos, FILL_RESERVE);
+        if (!ext) return;
+        const chunk = data.subarray(pos - from, pos - from + ext.len);
+        try {
+          await core.medium.write(chunk, dataOffset(core.physOf[ext.seg]!, ext.segOff));
+        } catch {
+          core.segments.put(ext.seg);
+          return;
+        }
+        if (stillCovered(core, token, pos, ext.len)) {
+          commitKey(core, {
+            off: pos,
+            len: ext.len,
+            flags: KEY_FLAG_CLEAN,
+            seg: ext.seg,
+            segOff: ext.segOff,
+            gen: ext.gen,
+            dataCrc: core.dataCrc ? pcacheCrc(chunk) : 0,
+          });
+          core.stats.fillBytes += ext.len;
+        } else {
+          // A write replaced part of the range meanwhile: its data wins, this copy is dropped.
+          core.segments.put(ext.seg);
+        }
+        pos += ext.len;
+      }
+    }
+  } finally {
+    dropPlaceholder(core, token, from, data.length);
+  }
+}

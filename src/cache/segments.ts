@@ -1,0 +1,152 @@
+import type { Medium } from '../media/medium.js';
+import type { SlotState } from './meta.js';
+import { genRecord, type TwoSlotRecord } from './persist.js';
+
+/**
+ * The cache segments: which are in use, how many logged keys point into each (plus one while a
+ * segment is the data head), their generations, and pins held by I/O in flight.
+ *
+ * Invariants:
+ * - a segment is free only when its refs and pins are 0 and its new generation is durable;
+ * - a free segment is handed out at most once before it is freed again.
+ */
+export class Segments {
+  readonly n: number;
+  private readonly used: Uint8Array;
+  private readonly refs: Int32Array;
+  private readonly pins: Int32Array;
+  /** Segments whose last reference is gone but that wait for their pins before invalidation. */
+  private readonly doomed: Uint8Array;
+  readonly gens: number[];
+  private readonly genRecords: TwoSlotRecord<number>[];
+  private usedCount = 0;
+  private lastAlloc = 0;
+  private waiters: Array<() => void> = [];
+  private readonly pendingGens = new Set<Promise<void>>();
+  /** Called whenever a segment becomes free, and whenever one is invalidated (the index sweeps). */
+  onFree: () => void = () => {};
+  onInvalidate: (seg: number) => void = () => {};
+  onError: (err: unknown) => void = () => {};
+
+  constructor(medium: Medium, physOf: readonly number[], gens: readonly number[], genSlots: readonly SlotState[]) {
+    this.n = physOf.length;
+    this.used = new Uint8Array(this.n);
+    this.refs = new Int32Array(this.n);
+    this.pins = new Int32Array(this.n);
+    this.doomed = new Uint8Array(this.n);
+    this.gens = [...gens];
+    this.genRecords = physOf.map((phys, i) => genRecord(medium, phys, genSlots[i]!));
+  }
+
+  get usedSegments(): number {
+    return this.usedCount;
+  }
+  get freeSegments(): number {
+    return this.n - this.usedCount;
+  }
+  isUsed(seg: number): boolean {
+    return this.used[seg] === 1;
+  }
+  refsOf(seg: number): number {
+    return this.refs[seg]!;
+  }
+  get waiting(): number {
+    return this.waiters.length;
+  }
+
+  /** Wait for generation updates in flight (before the medium is closed). */
+  async settle(): Promise<void> {
+    while (this.pendingGens.size) await Promise.all([...this.pendingGens]);
+  }
+
+  /** Replay marks what the log says is in use. */
+  markUsed(seg: number): void {
+    if (!this.used[seg]) {
+      this.used[seg] = 1;
+      this.usedCount++;
+    }
+  }
+
+  /** Take a free segment (next-fit after the last one, as dm-pcache does), keeping `reserve` free. */
+  allocate(reserve: number): number | null {
+    if (this.freeSegments <= reserve) return null;
+    for (let i = 1; i <= this.n; i++) {
+      const seg = (this.lastAlloc + i) % this.n;
+      if (!this.used[seg]) {
+        this.used[seg] = 1;
+        this.usedCount++;
+        this.lastAlloc = seg;
+        return seg;
+      }
+    }
+    return null;
+  }
+
+  /** Resolve once some segment has been freed (or `wake` is called). */
+  waitForFree(): Promise<void> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  wake(): void {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+
+  get(seg: number, count = 1): void {
+    this.refs[seg]! += count;
+  }
+
+  /** Drop a reference; the last one invalidates the segment (once no I/O pins it). */
+  put(seg: number): void {
+    const r = --this.refs[seg]!;
+    if (r < 0) throw new Error(`segment ${seg}: reference count below zero`);
+    if (r === 0) this.retire(seg);
+  }
+
+  pin(seg: number): void {
+    this.pins[seg]!++;
+  }
+
+  unpin(seg: number): void {
+    const p = --this.pins[seg]!;
+    if (p === 0 && this.doomed[seg]) {
+      this.doomed[seg] = 0;
+      this.retire(seg);
+    }
+  }
+
+  /** A log segment that key_tail has left (key_tail already durable): free at once, no keys point in. */
+  freeLogSegment(seg: number): void {
+    this.release(seg);
+  }
+
+  private retire(seg: number): void {
+    if (this.refs[seg]! > 0 || !this.used[seg]) return;
+    if (this.pins[seg]! > 0) {
+      this.doomed[seg] = 1;
+      return;
+    }
+    const gen = this.gens[seg]! + 1;
+    // Keys pointing here become stale at once in memory; the segment is reusable only when the
+    // bump is durable, so that replay never takes reused data for an old key.
+    this.gens[seg] = gen;
+    this.onInvalidate(seg);
+    const p = this.genRecords[seg]!.store(gen).then(
+      () => {
+        if (this.refs[seg] === 0 && this.pins[seg] === 0) this.release(seg);
+      },
+      (err) => this.onError(err),
+    );
+    this.pendingGens.add(p);
+    void p.finally(() => this.pendingGens.delete(p));
+  }
+
+  private release(seg: number): void {
+    if (!this.used[seg]) return;
+    this.used[seg] = 0;
+    this.usedCount--;
+    this.onFree();
+    this.wake();
+  }
+}

@@ -1,0 +1,160 @@
+/**
+ * Opening a file or block device for positional I/O, and the I/O loops around it. Shared by the
+ * cache medium and the backing device, which sit at the same level and open devices alike.
+ */
+import { constants, promises as fsp } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
+
+export interface OpenDeviceOptions {
+  /** Role for messages, e.g. 'cache device'. */
+  what: string;
+  readOnly?: boolean;
+}
+
+export interface OpenedDevice {
+  fh: FileHandle;
+  size: number;
+  isBlockDevice: boolean;
+}
+
+/** Splits a Linux dev_t as glibc's major()/minor() do; BigInt because dev_t is 64 bits. */
+export function devMajorMinor(rdev: bigint): { major: number; minor: number } {
+  const major = ((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & 0xfffff000n);
+  const minor = (rdev & 0xffn) | ((rdev >> 12n) & 0xffffff00n);
+  return { major: Number(major), minor: Number(minor) };
+}
+
+/**
+ * A block device's size in bytes. fstat reports 0 for block devices and Node cannot issue the
+ * BLKGETSIZE64 ioctl, so ask sysfs, which counts 512-byte sectors whatever the logical block size.
+ */
+export async function blockDeviceSize(rdev: bigint, sysRoot = '/sys'): Promise<number> {
+  const { major, minor } = devMajorMinor(rdev);
+  const file = `${sysRoot}/dev/block/${major}:${minor}/size`;
+  const text = (await fsp.readFile(file, 'utf8')).trim();
+  if (!/^\d+$/.test(text)) throw new Error(`${file}: unexpected content ${JSON.stringify(text)}`);
+  const bytes = BigInt(text) * 512n;
+  if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) throw new Error(`${file}: device too large`);
+  return Number(bytes);
+}
+
+/** Rejects requests outside the device: a file would silently grow or read short. */
+export function checkRange(label: string, op: 'read' | 'write', offset: number, length: number, size: number): void {
+  if (Number.isSafeInteger(offset) && offset >= 0 && offset + length <= size) return;
+  throw Object.assign(
+    new RangeError(`${label}: ${op} of ${length} bytes at offset ${offset} is outside the device (size ${size})`),
+    { code: 'EINVAL' },
+  );
+}
+
+export async function openDevice(path: string, opts: OpenDeviceOptions): Promise<OpenedDevice> {
+  const label = `${opts.what} ${path}`;
+  const st = await fsp.stat(path);
+  let flags = opts.readOnly ? constants.O_RDONLY : constants.O_RDWR;
+  // On a block device O_EXCL without O_CREAT fails if anyone else holds it exclusively or has it mounted.
+  if (st.isBlockDevice()) flags |= constants.O_EXCL;
+  else if (!st.isFile()) throw new Error(`${label} is neither a regular file nor a block device`);
+
+  let fh: FileHandle;
+  try {
+    fh = await fsp.open(path, flags);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EBUSY') {
+      throw Object.assign(new Error(`${label} is busy: mounted, or opened exclusively by another program`), {
+        code: 'EBUSY',
+        cause: err,
+      });
+    }
+    throw err;
+  }
+  try {
+    const fst = await fh.stat({ bigint: true });
+    // The path may have been replaced between stat and open; only trust what the descriptor is.
+    if (fst.isBlockDevice() !== st.isBlockDevice()) throw new Error(`${label} changed while being opened`);
+    const size = fst.isBlockDevice() ? await blockDeviceSize(fst.rdev) : Number(fst.size);
+    return { fh, size, isBlockDevice: fst.isBlockDevice() };
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
+}
+
+/** Creates a sparse regular file of `size` bytes unless `path` already exists (then it is left alone). */
+export async function createIfMissing(path: string, size: number | undefined, label: string): Promise<void> {
+  let fh: FileHandle;
+  try {
+    fh = await fsp.open(path, 'wx');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return;
+    throw err;
+  }
+  try {
+    if (size === undefined || !Number.isSafeInteger(size) || size < 0) {
+      throw new Error(`${label}: creating it needs a size in bytes, got ${String(size)}`);
+    }
+    await fh.truncate(size);
+    await fh.sync();
+    await fh.close();
+  } catch (err) {
+    await fh.close().catch(() => {});
+    await fsp.rm(path, { force: true });
+    throw err;
+  }
+  // fdatasync of the file alone does not make a new directory entry durable.
+  const dir = await fsp.open(dirname(path), 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}
+
+/** pread until `buf` is full; a short file is an error, never zeros. */
+export async function readFully(fh: FileHandle, buf: Buffer, offset: number, label: string): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesRead } = await fh.read(buf, done, buf.length - done, offset + done);
+    if (bytesRead === 0) {
+      throw Object.assign(new Error(`${label}: unexpected end of data at offset ${offset + done}`), { code: 'EIO' });
+    }
+    done += bytesRead;
+  }
+}
+
+/** pwrite/pwritev until every byte is written. */
+export async function writeFully(fh: FileHandle, data: readonly Buffer[], offset: number, label: string): Promise<void> {
+  const rest = data.filter((b) => b.length > 0);
+  let pos = offset;
+  while (rest.length > 0) {
+    const first = rest[0]!;
+    const { bytesWritten } =
+      rest.length === 1 ? await fh.write(first, 0, first.length, pos) : await fh.writev(rest, pos);
+    // A zero-byte write would otherwise spin here forever.
+    if (bytesWritten <= 0) {
+      throw Object.assign(new Error(`${label}: write made no progress at offset ${pos}`), { code: 'EIO' });
+    }
+    pos += bytesWritten;
+    let n = bytesWritten;
+    while (n > 0) {
+      const head = rest[0]!;
+      if (n >= head.length) {
+        n -= head.length;
+        rest.shift();
+      } else {
+        rest[0] = head.subarray(n);
+        n = 0;
+      }
+    }
+  }
+}
+
+export function asBuffers(data: Buffer | readonly Buffer[]): readonly Buffer[] {
+  return Buffer.isBuffer(data) ? [data] : data;
+}
+
+export function totalLength(data: readonly Buffer[]): number {
+  let n = 0;
+  for (const b of data) n += b.length;
+  return n;
+}
