@@ -9,4 +9,11 @@ export const COMMANDS: Record<string, () => Promise<{ command: Command }>> = {
   format: () => import('./format.js'),
   check: () => import('./check.js'),
   dump: () => import('./dump.js'),
+  serve: () => import('./serve.js'),
+  status: () => import('./remote.js').then((m) => ({ command: m.status })),
+  table: () => import('./remote.js').then((m) => ({ command: m.table })),
+  message: () => import('./remote.js').then((m) => ({ command: m.message })),
+  stats: () => import('./remote.js').then((m) => ({ command: m.stats })),
+  flush: () => import('./remote.js').then((m) => ({ command: m.flush })),
+  stop: () => import('./remote.js').then((m) => ({ command: m.stop })),
 };

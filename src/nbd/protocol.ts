@@ -256,6 +256,19 @@ export class ByteQueue {
     return out;
   }
 
+  /** Moves n bytes into dst at dstOffset (one copy, no intermediate buffer). */
+  takeInto(dst: Buffer, dstOffset: number, n: number): void {
+    if (n > this.total) throw new RangeError(`takeInto(${n}) with only ${this.total} buffered`);
+    while (n > 0) {
+      const chunk = this.chunks[this.head]!;
+      const step = Math.min(n, chunk.length - this.offset);
+      chunk.copy(dst, dstOffset, this.offset, this.offset + step);
+      dstOffset += step;
+      n -= step;
+      this.advance(step);
+    }
+  }
+
   /** Discards up to n bytes without copying; returns how many were discarded. */
   skip(n: number): number {
     const todo = Math.min(n, this.total);

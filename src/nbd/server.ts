@@ -300,8 +300,14 @@ class Connection {
   private size = 0;
   private inflight = 0;
   private inflightBytes = 0;
-  /** A WRITE whose header is parsed but whose payload has not fully arrived. */
+  /**
+   * A WRITE whose header is parsed but whose payload has not fully arrived. Its payload buffer
+   * is filled straight from each socket chunk as it comes, while the bytes are still in cache,
+   * instead of queueing the chunks and gathering them at the end.
+   */
   private pendingWrite: RequestHeader | null = null;
+  private payload: Buffer | null = null;
+  private payloadFilled = 0;
   private discardRemaining = 0;
   private paused = false;
   private corked = false;
@@ -368,6 +374,16 @@ class Connection {
       this.discardRemaining -= n;
       if (n === chunk.length) return;
       chunk = chunk.subarray(n);
+    }
+    const payload = this.payload;
+    if (payload && this.queue.length === 0) {
+      const n = Math.min(payload.length - this.payloadFilled, chunk.length);
+      chunk.copy(payload, this.payloadFilled, 0, n);
+      this.payloadFilled += n;
+      if (this.payloadFilled < payload.length) return;
+      chunk = chunk.subarray(n);
+      this.processRequests();
+      if (chunk.length === 0) return;
     }
     this.queue.push(chunk);
     if (this.phase === 'handshake') {
@@ -560,11 +576,24 @@ class Connection {
         if (!this.paused) {
           this.paused = true;
           this.socket.pause();
+          if (this.socket.writableLength > 0) this.watchDrain();
         }
         return;
       }
-      let req = this.pendingWrite;
-      if (!req) {
+      let req: RequestHeader;
+      let payload: Buffer | undefined;
+      if (this.pendingWrite) {
+        const buf = this.payload!;
+        const n = Math.min(buf.length - this.payloadFilled, this.queue.length);
+        this.queue.takeInto(buf, this.payloadFilled, n);
+        this.payloadFilled += n;
+        if (this.payloadFilled < buf.length) return;
+        req = this.pendingWrite;
+        payload = buf;
+        this.pendingWrite = null;
+        this.payload = null;
+        this.payloadFilled = 0;
+      } else {
         if (this.queue.length < REQUEST_HEADER_SIZE) return;
         const header = this.queue.take(REQUEST_HEADER_SIZE);
         if (!requestMagicOk(header)) {
@@ -572,19 +601,22 @@ class Connection {
           return;
         }
         req = decodeRequestHeader(header);
-        if (req.type === NBD_CMD_WRITE && req.length > this.shared.maxBlock) {
-          this.rejectOversizedWrite(req);
-          continue;
+        if (req.type === NBD_CMD_WRITE) {
+          if (req.length > this.shared.maxBlock) {
+            this.rejectOversizedWrite(req);
+            continue;
+          }
+          if (this.queue.length >= req.length) {
+            // Usually lies within one socket chunk, and then it is a view, not a copy.
+            payload = this.queue.take(req.length);
+          } else {
+            this.pendingWrite = req;
+            this.payload = Buffer.allocUnsafe(req.length);
+            this.payloadFilled = this.queue.length;
+            this.queue.takeInto(this.payload, 0, this.queue.length);
+            return;
+          }
         }
-      }
-      let payload: Buffer | undefined;
-      if (req.type === NBD_CMD_WRITE) {
-        if (this.queue.length < req.length) {
-          this.pendingWrite = req;
-          return;
-        }
-        this.pendingWrite = null;
-        payload = this.queue.take(req.length);
       }
       this.dispatch(req, payload);
     }
@@ -781,14 +813,18 @@ class Connection {
         s.uncork();
       });
     }
-    s.write(a);
-    if (b && b.length > 0 && !s.write(b) && !this.awaitingDrain) {
-      this.awaitingDrain = true;
-      s.once('drain', () => {
-        this.awaitingDrain = false;
-        this.maybeResume();
-      });
-    }
+    let ok = s.write(a);
+    if (b && b.length > 0) ok = s.write(b) && ok;
+    if (!ok) this.watchDrain();
+  }
+
+  private watchDrain(): void {
+    if (this.awaitingDrain) return;
+    this.awaitingDrain = true;
+    this.socket.once('drain', () => {
+      this.awaitingDrain = false;
+      this.maybeResume();
+    });
   }
 
   // ------------------------------------------------------------------------------------------
@@ -799,6 +835,7 @@ class Connection {
     if (this.phase === 'closed' || this.phase === 'closing') return;
     this.phase = 'closing';
     this.pendingWrite = null;
+    this.payload = null;
     this.queue.clear();
     this.socket.pause();
     if (this.inflight === 0) this.endGracefully();

@@ -75,7 +75,14 @@ export class BoundsWatch implements Medium {
   readonly violations: string[] = [];
   reads = 0;
 
-  constructor(readonly inner: Medium) {}
+  /**
+   * `readLimit` turns a reader that never stops into a failure the test can see: past it every
+   * read rejects (a loop of reads that resolve at once would otherwise starve every timer).
+   */
+  constructor(
+    readonly inner: Medium,
+    readonly readLimit = Infinity,
+  ) {}
 
   get path(): string {
     return this.inner.path;
@@ -92,7 +99,7 @@ export class BoundsWatch implements Medium {
   }
 
   read(buf: Buffer, offset: number): Promise<void> {
-    this.reads++;
+    if (++this.reads > this.readLimit) return Promise.reject(new Error(`read limit of ${this.readLimit} reads exceeded`));
     this.watch('read', offset, buf.length);
     return this.inner.read(buf, offset);
   }

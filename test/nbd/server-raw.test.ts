@@ -533,3 +533,37 @@ test('read errors with a simple reply carry no payload and keep the stream in sy
     await srv.close();
   }
 });
+
+test('backpressure: a flood of requests from a client that reads replies late', async () => {
+  const srv = await startServer(64 * MiB);
+  for (let i = 0; i < 64 * MiB; i += 4096) srv.device.data.writeUInt32BE(i, i);
+  try {
+    const c = await RawConn.connect(srv.port);
+    await handshake(c, { structured: true });
+    c.socket.pause(); // do not read replies yet
+    const N = 2000; // 125 MiB of replies, well above what the server will queue unsent
+    const wire: Buffer[] = [];
+    for (let i = 0; i < N; i++) {
+      wire.push(P.encodeRequestHeader({ type: P.NBD_CMD_READ, flags: 0, handle: BigInt(i), offset: (i % 1024) * 65536, length: 65536 }));
+    }
+    c.write(Buffer.concat(wire));
+    await new Promise((r) => setTimeout(r, 300));
+    // The server stopped taking requests rather than buffer all the replies it cannot send.
+    assert.ok(srv.server.stats().requests.read < N, `read ${srv.server.stats().requests.read}`);
+    c.socket.resume();
+    const seen = new Set<bigint>();
+    for (let i = 0; i < N; i++) {
+      const r = await readReply(c);
+      assert.equal(r.error, 0);
+      const off = (Number(r.handle) % 1024) * 65536;
+      assert.equal(r.data!.readUInt32BE(0), off);
+      assert.equal(r.data!.readUInt32BE(61440), off + 61440);
+      seen.add(r.handle);
+    }
+    assert.equal(seen.size, N);
+    assert.equal(srv.server.stats().requests.read, N);
+    c.destroy();
+  } finally {
+    await srv.close();
+  }
+});

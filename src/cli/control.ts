@@ -1,0 +1,142 @@
+/**
+ * Control of a running server, addressed by its cache device: the server listens on a unix socket
+ * in the runtime directory named from the device's real path; commands connect, send one JSON
+ * line, and read JSON lines back (progress, then one result).
+ */
+import { createHash } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import net from 'node:net';
+import { join } from 'node:path';
+import { ensureRunDir, runDir } from '../media/lock.js';
+import { CliError } from './errors.js';
+
+export interface ControlRequest {
+  cmd: string;
+  args: string[];
+}
+
+export interface ControlResult {
+  type: 'result';
+  ok: boolean;
+  output?: string;
+  error?: string;
+  data?: unknown;
+}
+
+export interface ControlProgress {
+  type: 'progress';
+  data: unknown;
+}
+
+export type ControlReply = ControlResult | ControlProgress;
+
+export type ControlHandler = (req: ControlRequest, progress: (data: unknown) => void) => Promise<ControlResult>;
+
+export async function controlSocketPath(cacheDev: string): Promise<string> {
+  let real: string;
+  try {
+    real = await fsp.realpath(cacheDev);
+  } catch {
+    throw new CliError(`cache device ${cacheDev} does not exist`);
+  }
+  // Unix socket paths are short (108 bytes): a hash names the device, not its path.
+  const hash = createHash('sha256').update(real).digest('hex').slice(0, 24);
+  return join(runDir(), `pcache-${hash}.sock`);
+}
+
+export async function startControlServer(cacheDev: string, handle: ControlHandler): Promise<{ path: string; close(): Promise<void> }> {
+  await ensureRunDir();
+  const path = await controlSocketPath(cacheDev);
+  // The caller holds the device lock, so a socket left here belongs to a dead server.
+  await fsp.rm(path, { force: true });
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((sock) => {
+    sockets.add(sock);
+    sock.on('close', () => sockets.delete(sock));
+    sock.on('error', () => undefined);
+    let buf = '';
+    sock.setEncoding('utf8');
+    sock.on('data', (chunk: string) => {
+      buf += chunk;
+      if (buf.length > 64 * 1024) sock.destroy();
+      const nl = buf.indexOf('\n');
+      if (nl < 0) return;
+      const line = buf.slice(0, nl);
+      buf = '';
+      sock.pause();
+      let req: ControlRequest;
+      try {
+        const parsed = JSON.parse(line) as Partial<ControlRequest>;
+        if (typeof parsed.cmd !== 'string' || !Array.isArray(parsed.args) || !parsed.args.every((a) => typeof a === 'string')) throw new Error('bad request');
+        req = { cmd: parsed.cmd, args: parsed.args };
+      } catch {
+        sock.end(JSON.stringify({ type: 'result', ok: false, error: 'malformed control request' }) + '\n');
+        return;
+      }
+      const send = (r: ControlReply): void => {
+        if (!sock.destroyed) sock.write(JSON.stringify(r) + '\n');
+      };
+      handle(req, (data) => send({ type: 'progress', data })).then(
+        (result) => {
+          send(result);
+          sock.end();
+        },
+        (err) => {
+          send({ type: 'result', ok: false, error: err instanceof Error ? err.message : String(err) });
+          sock.end();
+        },
+      );
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(path, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  return {
+    path,
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((r) => server.close(() => r()));
+      await fsp.rm(path, { force: true });
+    },
+  };
+}
+
+/** Send one request to the server of `cacheDev`; `onProgress` sees progress replies. */
+export async function controlRequest(cacheDev: string, req: ControlRequest, onProgress?: (data: unknown) => void): Promise<ControlResult> {
+  const path = await controlSocketPath(cacheDev);
+  return new Promise((resolve, reject) => {
+    const sock = net.createConnection(path);
+    let buf = '';
+    let result: ControlResult | undefined;
+    sock.setEncoding('utf8');
+    sock.on('connect', () => sock.write(JSON.stringify(req) + '\n'));
+    sock.on('data', (chunk: string) => {
+      buf += chunk;
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        let reply: ControlReply;
+        try {
+          reply = JSON.parse(line) as ControlReply;
+        } catch {
+          continue;
+        }
+        if (reply.type === 'progress') onProgress?.(reply.data);
+        else result = reply;
+      }
+    });
+    sock.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') reject(new CliError(`no pcache server is running for ${cacheDev}`));
+      else reject(new CliError(`control socket ${path}: ${err.message}`));
+    });
+    sock.on('close', () => {
+      if (result) resolve(result);
+      else reject(new CliError(`the pcache server for ${cacheDev} closed the control connection without an answer`));
+    });
+  });
+}
