@@ -127,10 +127,10 @@ export class Cache implements BlockDevice {
       needSpace: () => cache?.needSpace(),
       track: (p) => cache?.track(p),
     };
-    const writeback = new Writeback(core, meta.dirtyTail, dirtyTailRecord(medium, meta.dirtyTailSlot), opts.writebackIntervalMs ?? 5000, () =>
+    const writeback = new Writeback(core, { seg: meta.dirtyTail.seg, off: meta.dirtyTail.off }, dirtyTailRecord(medium, meta.dirtyTailSlot), opts.writebackIntervalMs ?? 5000, () =>
       cache?.gc.kick(),
     );
-    const gc = new Gc(core, meta.keyTail, keyTailRecord(medium, meta.keyTailSlot), () => writeback.dirtyTail, flagsGcPercent(meta.cacheInfo.flags));
+    const gc = new Gc(core, { seg: meta.keyTail.seg, off: meta.keyTail.off }, keyTailRecord(medium, meta.keyTailSlot), () => writeback.dirtyTail, flagsGcPercent(meta.cacheInfo.flags));
     cache = new Cache(medium, backing, meta, core, gc, writeback, cacheInfoRecord(medium, meta.cacheInfoSlot), r.endNote);
     r.segments.onFree = () => stats.segmentsFreed++;
     r.segments.onInvalidate = () => cache?.scheduleSweep();
