@@ -1,6 +1,6 @@
 /**
  * The backing device: the slow storage that pcache fronts. A file, a block device, memory in
- * tests, or (later) an NBD export. Every call either completes whole or rejects; a failing
+ * tests, or an NBD export (nbd.ts). Every call either completes whole or rejects; a failing
  * backing device rejects, it never returns zeros.
  */
 export interface BackingDevice {
@@ -15,4 +15,16 @@ export interface BackingDevice {
   /** Make every completed write durable. */
   flush(): Promise<void>;
   close(): Promise<void>;
+  /** Connection state, for backing devices that have one (NBD); shown by status and stats. */
+  state?(): BackingState;
+}
+
+/** What every backing state has; kinds add their own fields (NbdBackingState). */
+export interface BackingState {
+  kind: string;
+  name: string;
+  /** 'connected', 'degraded', 'disconnected', 'closed'. */
+  state: string;
+  connected: boolean;
+  lastError: string | null;
 }

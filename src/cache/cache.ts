@@ -270,17 +270,24 @@ export class Cache implements BlockDevice {
    * `onProgress` sees each step; a write-back error rejects once `maxErrors` retries have failed.
    */
   async drain(opts: { onProgress?: (s: CacheStatus) => void; maxErrors?: number } = {}): Promise<void> {
-    await this.persistLog();
-    let errors = 0;
-    while (!this.writeback.clean) {
-      const before = this.core.stats.writebackErrors;
-      const p = this.writeback.progress();
-      this.writeback.kick();
-      await p;
-      opts.onProgress?.(this.status());
-      if (this.core.stats.writebackErrors > before && ++errors > (opts.maxErrors ?? Infinity)) {
-        throw new CacheError(`write-back failed: ${this.writeback.lastError}`, 'EIO');
+    // The engine's timers are unref'd; while someone waits for the drain, the process stays up
+    // (an offline drain would otherwise exit in the middle of a retry back-off).
+    const keepAlive = setInterval(() => undefined, 1 << 30);
+    try {
+      await this.persistLog();
+      let errors = 0;
+      while (!this.writeback.clean) {
+        const before = this.core.stats.writebackErrors;
+        const p = this.writeback.progress();
+        this.writeback.kick();
+        await p;
+        opts.onProgress?.(this.status());
+        if (this.core.stats.writebackErrors > before && ++errors > (opts.maxErrors ?? Infinity)) {
+          throw new CacheError(`write-back failed: ${this.writeback.lastError}`, 'EIO');
+        }
       }
+    } finally {
+      clearInterval(keepAlive);
     }
   }
 

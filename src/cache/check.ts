@@ -7,17 +7,21 @@ import {
   formatPosition,
   hex32,
   KEY_FLAG_CLEAN,
+  KSET_HEADER_SIZE,
+  KSET_KEYS_MAX,
+  ksetSize,
   pcacheCrc,
   samePosition,
   SB_OFF,
   SB_SIZE,
+  SEG_DATA_SIZE,
   superblockBlank,
   validateKey,
   type Key,
   type Position,
 } from '../format/index.js';
 import type { Medium } from '../media/medium.js';
-import { walkLog } from './log.js';
+import { readKset, walkLog } from './log.js';
 import { loadMeta, type CacheMeta } from './meta.js';
 
 export interface CheckOptions {
@@ -106,21 +110,29 @@ export async function checkCache(medium: Medium, opts: CheckOptions = {}): Promi
   const report = emptyReport(medium);
   const max = opts.maxProblems ?? DEFAULT_MAX_PROBLEMS;
   let suppressed = 0;
+  let unsaid = 0;
   const problem = (msg: string): void => {
     if (report.problems.length < max) report.problems.push(msg);
     else suppressed++;
   };
+  const warn = (msg: string): void => {
+    if (report.warnings.length < max) report.warnings.push(msg);
+    else unsaid++;
+  };
   try {
-    await runCheck(medium, opts, report, problem);
+    await runCheck(medium, opts, report, problem, warn);
   } catch (err) {
     problem(`check stopped: ${messageOf(err)}`);
   }
   if (suppressed > 0) report.problems.push(`... and ${suppressed} more problems`);
+  if (unsaid > 0) report.warnings.push(`... and ${unsaid} more warnings`);
   report.clean = report.problems.length === 0;
   return report;
 }
 
-async function runCheck(medium: Medium, opts: CheckOptions, report: CheckReport, problem: (msg: string) => void): Promise<void> {
+type Say = (msg: string) => void;
+
+async function runCheck(medium: Medium, opts: CheckOptions, report: CheckReport, problem: Say, warn: Say): Promise<void> {
   if (opts.backingSize !== undefined && !(Number.isSafeInteger(opts.backingSize) && opts.backingSize >= 0)) {
     problem(`backing size ${opts.backingSize} is not a byte count`);
     return;
@@ -143,11 +155,34 @@ async function runCheck(medium: Medium, opts: CheckOptions, report: CheckReport,
   report.dataCrc = flagsDataCrc(meta.cacheInfo.flags);
   report.keyTail = { seg: meta.keyTail.seg, off: meta.keyTail.off };
   report.dirtyTail = { seg: meta.dirtyTail.seg, off: meta.dirtyTail.off };
-  report.warnings.push(...meta.warnings);
+  meta.warnings.forEach(warn);
   if (!flagsInitDone(meta.cacheInfo.flags)) {
-    report.warnings.push('cache_info: INIT_DONE is clear: dm-pcache would start this cache empty, ignoring the tails and the log');
+    warn('cache_info: INIT_DONE is clear: dm-pcache would start this cache empty, ignoring the tails and the log');
   }
-  await checkLog(medium, meta, opts, report, problem);
+  await checkLog(medium, meta, opts, report, problem, warn);
+}
+
+/**
+ * A torn last write leaves a damaged kset with nothing valid after it. If the damaged kset's own
+ * header still gives its size and a valid kset sits right behind it, the log was damaged in the
+ * middle instead (as when a byte of an old kset changes): returns that kset's position.
+ */
+async function validKsetAfter(medium: Medium, physOf: readonly number[], at: Position): Promise<Position | null> {
+  const head = Buffer.alloc(KSET_HEADER_SIZE);
+  await medium.read(head, dataOffset(physOf[at.seg]!, at.off));
+  if (head.readBigUInt64LE(16) !== 0n) return null;
+  const keyNum = head.readUInt32LE(4);
+  if (keyNum === 0 || keyNum > KSET_KEYS_MAX) return null;
+  const next = { seg: at.seg, off: at.off + ksetSize(keyNum) };
+  if (next.off + KSET_HEADER_SIZE > SEG_DATA_SIZE) return null;
+  const kset = await readKset(medium, physOf, next);
+  return kset instanceof FormatError ? null : next;
+}
+
+async function headerKeyNum(medium: Medium, physOf: readonly number[], at: Position): Promise<number> {
+  const head = Buffer.alloc(8);
+  await medium.read(head, dataOffset(physOf[at.seg]!, at.off));
+  return head.readUInt32LE(4);
 }
 
 async function checkLog(
@@ -155,7 +190,8 @@ async function checkLog(
   meta: CacheMeta,
   opts: CheckOptions,
   report: CheckReport,
-  problem: (msg: string) => void,
+  problem: Say,
+  warn: Say,
 ): Promise<void> {
   const nSegs = meta.cacheInfo.nSegs;
   const dataCrc = report.dataCrc === true;
@@ -174,7 +210,7 @@ async function checkLog(
       return;
     }
     if (key.gen > gen) {
-      report.warnings.push(`${where}: ${describeKey(key)}: generation ${key.gen} is newer than its segment's (${gen})`);
+      warn(`${where}: ${describeKey(key)}: generation ${key.gen} is newer than its segment's (${gen})`);
     }
     used.add(key.seg);
     if (key.flags & KEY_FLAG_CLEAN) report.cleanKeys++;
@@ -214,13 +250,29 @@ async function checkLog(
     case 'bad-magic':
       report.logEnd = `no kset magic at ${at}`;
       break;
-    case 'bad-crc':
+    case 'bad-crc': {
       report.logEnd = `damaged kset at ${at}`;
-      report.warnings.push(`log ends at a damaged kset at ${at}: possibly a torn write (${end.reason.message})`);
+      const after = await validKsetAfter(medium, meta.physOf, end.head);
+      if (after) {
+        problem(
+          `log at ${at}: ${end.reason.message}, yet a valid kset follows at ${formatPosition(after)}: ` +
+            'damage inside the log, not a torn last write; replay stops here and loses what follows',
+        );
+      } else {
+        warn(`log ends at a damaged kset at ${at}: possibly a torn write (${end.reason.message})`);
+      }
       break;
-    default:
+    }
+    default: {
       report.logEnd = `invalid kset at ${at}`;
+      // A kset header that straddles a sector boundary may be torn into its new magic and the zeros
+      // it overwrote (the previous kset's trailer): key_num 0 at the end of the log is that.
+      if (end.reason.problem === 'bad-key-num' && (await headerKeyNum(medium, meta.physOf, end.head)) === 0) {
+        warn(`log ends at a kset header with key_num 0 at ${at}: possibly a torn write (${end.reason.message})`);
+        break;
+      }
       problem(`log at ${at}: ${end.reason.message}`);
+    }
   }
   for (const s of end.segments) used.add(s);
   report.usedSegments = used.size;

@@ -86,7 +86,7 @@ export class Gc {
         for (const key of kset.keys) {
           if (validateKey(key, { nSegs: core.segments.n }) !== null) continue;
           // Stale keys took no reference at replay; they give none back.
-          if (key.gen !== core.segments.gens[key.seg]) continue;
+          if (key.gen < core.segments.gens[key.seg]!) continue;
           core.segments.put(key.seg);
         }
         this.keyTailPos = { seg: pos.seg, off: pos.off + kset.size };

@@ -30,6 +30,7 @@ export interface KsetLogHooks {
  * Invariants:
  * - ksets reach the log one at a time, in the order their keys were appended;
  * - the data every key points to is synced before the kset holding it is written (spec 7);
+ * - so is the end marker after the kset: replay never reads past a kset a power cut kept;
  * - there is always room after a kset for a LAST kset (the segment switch needs 24 bytes).
  */
 export class KsetLog {
@@ -93,7 +94,6 @@ export class KsetLog {
     while (this.open.length > 0) {
       const keys = this.open.splice(0, KSET_KEYS_MAX);
       try {
-        await this.medium.sync();
         await this.writeKset(keys);
       } catch (err) {
         this.open.unshift(...keys);
@@ -105,7 +105,13 @@ export class KsetLog {
   private async writeKset(keys: Key[]): Promise<void> {
     const size = ksetSize(keys.length);
     if (SEG_DATA_SIZE - this.head.off < size + KSET_HEADER_SIZE) await this.switchSegment();
-    await this.medium.write(encodeKset(keys, KSET_HEADER_SIZE), dataOffset(this.physOf[this.head.seg]!, this.head.off));
+    const at = dataOffset(this.physOf[this.head.seg]!, this.head.off);
+    // The end marker after the kset goes first, made durable by the same sync as the data the
+    // keys point to. Written only with the kset, a power cut could keep the kset and lose the
+    // marker (another sector), and replay would read on into what an earlier lap left there.
+    await this.medium.write(LOG_END, at + size);
+    await this.medium.sync();
+    await this.medium.write(encodeKset(keys, KSET_HEADER_SIZE), at);
     this.head = { seg: this.head.seg, off: this.head.off + size };
     this.ksetsWritten++;
     this.hooks.written();
@@ -116,7 +122,8 @@ export class KsetLog {
     let seg = this.segments.allocate(0);
     while (seg === null) {
       this.hooks.needSpace();
-      await Promise.race([this.segments.waitForFree(), new Promise((r) => setTimeout(r, 200).unref())]);
+      // Not unref'd: whoever closes this kset (a FLUSH, a FUA write) waits for it.
+      await Promise.race([this.segments.waitForFree(), new Promise((r) => setTimeout(r, 200))]);
       seg = this.segments.allocate(0);
     }
     try {

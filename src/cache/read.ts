@@ -8,7 +8,7 @@ import { commitKey } from './write.js';
 let fillIds = 0;
 
 export function isStale(core: CacheCore, k: IndexKey): boolean {
-  return !isPlaceholder(k) && k.gen !== core.segments.gens[k.seg];
+  return !isPlaceholder(k) && k.gen < core.segments.gens[k.seg]!;
 }
 
 /**

@@ -13,8 +13,9 @@ export async function allocWait(core: CacheCore, want: number): Promise<Extent> 
   try {
     while (!ext) {
       core.needSpace();
-      // A timer as well as the wake-up: a lost wake-up costs a short delay, never a hang.
-      await Promise.race([core.segments.waitForFree(), new Promise((r) => setTimeout(r, 250).unref())]);
+      // A timer as well as the wake-up: a lost wake-up costs a short delay, never a hang. Not
+      // unref'd: a request is waiting, so the process must stay up until it completes.
+      await Promise.race([core.segments.waitForFree(), new Promise((r) => setTimeout(r, 250))]);
       ext = core.head.tryAlloc(want, LOG_RESERVE);
     }
   } finally {
@@ -66,7 +67,9 @@ export async function writeData(core: CacheCore, off: number, data: Buffer): Pro
  */
 export class Zeroer {
   private extent: Extent | null = null;
-  private readonly zeros = Buffer.alloc(SUBTREE_SIZE);
+  /** Shared by every cache in the process (never written to): 4 MiB per open cost more than opening. */
+  private static shared: Buffer | null = null;
+  private readonly zeros = (Zeroer.shared ??= Buffer.alloc(SUBTREE_SIZE));
   private readonly crcs = new Map<number, number>();
 
   constructor(private readonly core: CacheCore) {}

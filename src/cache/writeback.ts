@@ -10,6 +10,8 @@ const WB_IN_FLIGHT = 8;
 const BACKOFF_MIN_MS = 100;
 const BACKOFF_MAX_MS = 5000;
 
+class Stopped extends Error {}
+
 export function dataCrcMessage(key: Key, actual: number): string {
   // dm-pcache prints the computed value first and calls the stored one "expected".
   return `key: ${key.off}:${key.len} seg ${key.seg}:${key.segOff} data_crc error: ${actual.toString(16)}, expected: ${key.dataCrc.toString(16)}`;
@@ -106,6 +108,7 @@ export class Writeback {
         this.backoff = 0;
         this.lastError = null;
       } catch (err) {
+        if (err instanceof Stopped) break;
         this.core.stats.writebackErrors++;
         this.lastError = err instanceof Error ? err.message : String(err);
         this.backoff = Math.min(BACKOFF_MAX_MS, Math.max(BACKOFF_MIN_MS, this.backoff * 2));
@@ -133,6 +136,10 @@ export class Writeback {
     if (kset instanceof FormatError) {
       throw new Error(`write-back: kset at dirty_tail ${pos.seg}:${pos.off} is unreadable: ${kset.message}`);
     }
+    // The kset may not be durable yet (a timed close writes it without a sync after). Acting on it
+    // first would let a crash keep its effects (data on the backing device, a dirty_tail past it)
+    // while taking the kset itself from the cache.
+    await core.medium.sync();
     if (kset.last) {
       await this.advance({ seg: kset.nextSeg, off: 0 });
       return true;
@@ -142,7 +149,7 @@ export class Writeback {
     for (const key of kset.keys) {
       const bad = validateKey(key, { nSegs: core.segments.n, backingSize: core.backingSize });
       if (bad) throw new Error(`write-back: ${bad.message}`);
-      if (key.gen !== core.segments.gens[key.seg]) continue;
+      if (key.gen < core.segments.gens[key.seg]!) continue;
       if (!(key.flags & KEY_FLAG_CLEAN)) dirtyInKset += key.len;
       if (core.dataCrc) await this.checkCrc(key);
       wbIndex.insert(key);
@@ -158,6 +165,8 @@ export class Writeback {
     let nextJob = 0;
     const worker = async (): Promise<void> => {
       while (nextJob < jobs.length) {
+        // A stopping engine leaves the kset for next time: dirty_tail has not moved.
+        if (this.stopped) throw new Stopped();
         const j = jobs[nextJob++]!;
         const buf = Buffer.allocUnsafe(j.len);
         core.segments.pin(j.seg);

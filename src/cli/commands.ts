@@ -9,6 +9,7 @@ export const COMMANDS: Record<string, () => Promise<{ command: Command }>> = {
   format: () => import('./format.js'),
   check: () => import('./check.js'),
   dump: () => import('./dump.js'),
+  writeback: () => import('./writeback.js'),
   serve: () => import('./serve.js'),
   status: () => import('./remote.js').then((m) => ({ command: m.status })),
   table: () => import('./remote.js').then((m) => ({ command: m.table })),

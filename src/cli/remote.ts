@@ -92,11 +92,12 @@ const statsCommand: Command = {
     const d = res.data as Record<string, unknown> & { counters: Record<string, number>; nbd: Record<string, unknown> };
     const lines: string[] = [];
     for (const [k, v] of Object.entries(d)) {
-      if (k === 'counters' || k === 'nbd') continue;
+      if (k === 'counters' || k === 'nbd' || k === 'backing') continue;
       lines.push(`${k}: ${typeof v === 'object' && v !== null ? Object.values(v).join(':') : String(v)}`);
     }
     for (const [k, v] of Object.entries(d.counters)) lines.push(`${k}: ${v}`);
     for (const [k, v] of Object.entries(d.nbd)) lines.push(`nbd.${k}: ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`);
+    for (const [k, v] of Object.entries((d.backing ?? {}) as Record<string, unknown>)) lines.push(`backing.${k}: ${typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v)}`);
     io.out(lines.join('\n') + '\n');
     return 0;
   },

@@ -1,7 +1,7 @@
 import { promises as fsp } from 'node:fs';
 import { resolve as resolvePath } from 'node:path';
 import type { BackingDevice } from '../backing/backing.js';
-import { openFileBacking } from '../backing/file.js';
+import { openBacking } from '../backing/open.js';
 import { Cache } from '../cache/cache.js';
 import { statusFields } from '../cache/status.js';
 import { openFileMedium } from '../media/file.js';
@@ -25,7 +25,8 @@ const HELP = `usage: pcache serve [<cache-dev> <backing-dev> [<n> [cache_mode wr
 Serve <backing-dev> cached by <cache-dev> over NBD. The options after the devices are
 dm-pcache's table options, word for word. With no devices, serve an embedded default:
 ./${DEFAULT_DIR}/cache.img (1 GiB) in front of ./${DEFAULT_DIR}/backing.img (4 GiB), both
-sparse, created when missing.
+sparse, created when missing. <backing-dev> is a file, a block device or an NBD export
+(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), reconnected if the connection drops.
 
   --listen HOST:PORT  TCP address (default 127.0.0.1:${DEFAULT_PORT})
   --socket PATH       listen on a unix socket instead
@@ -136,7 +137,7 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
       throw new CliError(`cache device ${cfg.cacheDev} does not exist`);
     }
     medium = await openFileMedium(cfg.cacheDev);
-    backing = await openFileBacking(cfg.backingDev);
+    backing = await openBacking(cfg.backingDev, { nbd: { log: (m) => io.err(`pcache: ${m}\n`) } });
     cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode });
     nbd = createNbdServer({ device: cache, exportName: cfg.exportName, description: `pcache: ${cfg.backingDev} cached by ${cfg.cacheDev}` });
   } catch (err) {
@@ -146,6 +147,7 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
   }
   const theCache = cache;
   const theNbd = nbd;
+  const theBacking = backing;
   let resolveStopped!: (code: number) => void;
   const stopped = new Promise<number>((r) => (resolveStopped = r));
   let stopping: Promise<void> | null = null;
@@ -174,7 +176,7 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
       case 'table':
         return { type: 'result', ok: true, output: tableLine(cfg, theCache) };
       case 'stats':
-        return { type: 'result', ok: true, data: { ...theCache.status(), nbd: theNbd.stats() } };
+        return { type: 'result', ok: true, data: { ...theCache.status(), nbd: theNbd.stats(), ...(theBacking.state ? { backing: theBacking.state() } : {}) } };
       case 'message': {
         const n = parseGcPercentMessage(req.args);
         if (n === null) return { type: 'result', ok: false, error: 'Invalid argument' };

@@ -30,7 +30,6 @@ import {
   NBD_INFO_BLOCK_SIZE,
   NBD_INFO_DESCRIPTION,
   NBD_INFO_EXPORT,
-  NBD_INFO_NAME,
   NBD_OPT_ABORT,
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO,
@@ -350,7 +349,9 @@ interface ClientInit {
 
 type ReaderState =
   | { kind: 'magic' }
-  | { kind: 'simple-data'; pending: Pending }
+  /** Bulk data being copied into its destination as it arrives. */
+  | { kind: 'fill'; target: Buffer; filled: number; done: () => void }
+  | { kind: 'data-offset'; flags: number; handle: bigint; length: number }
   | { kind: 'chunk-payload'; flags: number; type: number; handle: bigint; length: number };
 
 export class NbdClient implements BlockDevice {
@@ -388,10 +389,7 @@ export class NbdClient implements BlockDevice {
     const max = init.blockSize?.maximum;
     this.maxRequest = max && max !== 0xffffffff ? Math.min(max, DEFAULT_MAX_REQUEST * 8) : DEFAULT_MAX_REQUEST;
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.on('data', (d: Buffer) => {
-      this.queue.push(d);
-      this.parse();
-    });
+    socket.on('data', (d: Buffer) => this.onSocketData(d));
     socket.on('error', (err) => this.fail(err));
     socket.on('close', () => this.fail(new Error('NBD connection closed')));
     socket.on('end', () => this.fail(new Error('NBD server closed the connection')));
@@ -590,22 +588,47 @@ export class NbdClient implements BlockDevice {
     this.socket.destroy();
   }
 
+  private onSocketData(d: Buffer): void {
+    const st = this.state;
+    if (st.kind === 'fill' && this.queue.length === 0) {
+      // Bulk read data goes straight from the socket chunk into its destination.
+      const n = Math.min(st.target.length - st.filled, d.length);
+      d.copy(st.target, st.filled, 0, n);
+      st.filled += n;
+      if (st.filled < st.target.length) return;
+      this.state = { kind: 'magic' };
+      st.done();
+      d = d.subarray(n);
+      if (d.length === 0) return;
+    }
+    this.queue.push(d);
+    this.parse();
+  }
+
   /** Consumes every complete reply (or reply chunk) buffered so far. */
   private parse(): void {
     const q = this.queue;
     while (!this.failure) {
       const st = this.state;
-      if (st.kind === 'simple-data') {
-        const p = st.pending;
-        if (q.length < p.length) return;
+      if (st.kind === 'fill') {
+        const n = Math.min(st.target.length - st.filled, q.length);
+        q.takeInto(st.target, st.filled, n);
+        st.filled += n;
+        if (st.filled < st.target.length) return;
         this.state = { kind: 'magic' };
-        this.finish(p, undefined, q.take(p.length));
+        st.done();
         continue;
       }
       if (st.kind === 'chunk-payload') {
         if (q.length < st.length) return;
         this.state = { kind: 'magic' };
         this.onChunk(st.flags, st.type, st.handle, q.take(st.length));
+        continue;
+      }
+      if (st.kind === 'data-offset') {
+        if (q.length < 8) return;
+        this.state = { kind: 'magic' };
+        this.onDataChunk(st.flags, st.handle, readU64(q.take(8), 0), st.length - 8);
         continue;
       }
       if (q.length < 4) return;
@@ -621,8 +644,13 @@ export class NbdClient implements BlockDevice {
           this.finish(p, this.requestError(p, error));
         } else if (p.type === NBD_CMD_READ) {
           if (this.structuredReplies) return this.protocolError('simple reply to a READ after structured replies were negotiated');
-          if (p.length === 0) this.finish(p, undefined, Buffer.alloc(0));
-          else this.state = { kind: 'simple-data', pending: p };
+          if (q.length >= p.length) {
+            // Already here: usually a view of one socket chunk, no copy.
+            this.finish(p, undefined, q.take(p.length));
+          } else {
+            const target = Buffer.allocUnsafe(p.length);
+            this.state = { kind: 'fill', target, filled: 0, done: () => this.finish(p, undefined, target) };
+          }
         } else {
           this.finish(p);
         }
@@ -645,12 +673,38 @@ export class NbdClient implements BlockDevice {
           : -1;
         if (limit < 0) return this.protocolError(`unknown reply chunk type ${type}`);
         if (length > limit) return this.protocolError(`reply chunk type ${type} with ${length} bytes`);
-        if (length === 0) this.onChunk(flags, type, handle, Buffer.alloc(0));
-        else this.state = { kind: 'chunk-payload', flags, type, handle, length };
+        if (type === NBD_REPLY_TYPE_OFFSET_DATA) {
+          if (p.type !== NBD_CMD_READ) return this.protocolError(`data chunk for ${commandName(p.type)}`);
+          if (length < 9) return this.protocolError('data chunk shorter than 9 bytes');
+          this.state = { kind: 'data-offset', flags, handle, length };
+        } else if (length === 0) {
+          this.onChunk(flags, type, handle, Buffer.alloc(0));
+        } else {
+          this.state = { kind: 'chunk-payload', flags, type, handle, length };
+        }
       } else {
         return this.protocolError(`bad reply magic 0x${magic.toString(16)}`);
       }
     }
+  }
+
+  /** An OFFSET_DATA chunk whose offset has been read; its n data bytes follow. */
+  private onDataChunk(flags: number, handle: bigint, at: number, n: number): void {
+    const p = this.pending.get(handle)!;
+    if (at < p.offset || at + n > p.offset + p.length) return this.protocolError('data chunk outside the request');
+    const done = (): void => {
+      p.covered += n;
+      this.chunkDone(p, flags);
+    };
+    const q = this.queue;
+    if (n === p.length && p.covered === 0 && q.length >= n) {
+      // The usual single chunk, already received: hand it over as it is.
+      p.data = q.take(n);
+      return done();
+    }
+    if (!p.data) p.data = n === p.length ? Buffer.allocUnsafe(n) : Buffer.alloc(p.length);
+    const target = p.data.subarray(at - p.offset, at - p.offset + n);
+    this.state = { kind: 'fill', target, filled: 0, done };
   }
 
   private onChunk(flags: number, type: number, handle: bigint, payload: Buffer): void {
@@ -663,23 +717,20 @@ export class NbdClient implements BlockDevice {
         return this.protocolError((err as Error).message);
       }
       p.error ??= this.requestError(p, e.error, e.message);
-    } else if (type === NBD_REPLY_TYPE_OFFSET_DATA || type === NBD_REPLY_TYPE_OFFSET_HOLE) {
-      if (p.type !== NBD_CMD_READ) return this.protocolError(`content chunk for ${commandName(p.type)}`);
-      if (payload.length < (type === NBD_REPLY_TYPE_OFFSET_DATA ? 9 : 12)) return this.protocolError('short content chunk');
+    } else if (type === NBD_REPLY_TYPE_OFFSET_HOLE) {
+      if (p.type !== NBD_CMD_READ) return this.protocolError(`hole chunk for ${commandName(p.type)}`);
+      if (payload.length !== 12) return this.protocolError('hole chunk is not 12 bytes');
       const at = readU64(payload, 0);
-      const n = type === NBD_REPLY_TYPE_OFFSET_DATA ? payload.length - 8 : payload.readUInt32BE(8);
-      if (at < p.offset || at + n > p.offset + p.length) return this.protocolError('content chunk outside the request');
-      if (type === NBD_REPLY_TYPE_OFFSET_DATA && n === p.length && p.covered === 0) {
-        p.data = payload.subarray(8); // the usual single chunk: hand it over without copying
-      } else {
-        p.data ??= Buffer.alloc(p.length);
-        if (type === NBD_REPLY_TYPE_OFFSET_DATA) payload.copy(p.data, at - p.offset, 8);
-        else p.data.fill(0, at - p.offset, at - p.offset + n);
-      }
+      const n = payload.readUInt32BE(8);
+      if (at < p.offset || at + n > p.offset + p.length) return this.protocolError('hole chunk outside the request');
+      p.data ??= Buffer.alloc(p.length);
+      p.data.fill(0, at - p.offset, at - p.offset + n);
       p.covered += n;
-    } else if (type !== NBD_REPLY_TYPE_NONE) {
-      return this.protocolError(`unknown reply chunk type ${type}`);
     }
+    this.chunkDone(p, flags);
+  }
+
+  private chunkDone(p: Pending, flags: number): void {
     if (!(flags & NBD_REPLY_FLAG_DONE)) return;
     if (p.error) return this.finish(p, p.error);
     if (p.type === NBD_CMD_READ) {

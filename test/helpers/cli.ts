@@ -1,6 +1,6 @@
 /** Running pcache's CLI from tests: as a child process (the real thing) or in-process (fast). */
 import { execFile } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -15,6 +15,7 @@ export const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
  */
 const runDir = mkdtempSync(join(tmpdir(), 'pcache-test-run-'));
 process.env.PCACHE_RUN_DIR = runDir;
+process.on('exit', () => rmSync(runDir, { recursive: true, force: true }));
 
 export interface CliResult {
   code: number;

@@ -118,3 +118,40 @@ export class BoundsWatch implements Medium {
     return this.inner.close();
   }
 }
+
+/** Reads `inner` with some bytes replaced: a damaged copy of a large image without copying it. */
+export class PatchedMedium implements Medium {
+  constructor(
+    readonly inner: Medium,
+    readonly patches: ReadonlyArray<{ offset: number; bytes: Buffer }>,
+  ) {}
+
+  get path(): string {
+    return `${this.inner.path} (patched)`;
+  }
+
+  size(): number {
+    return this.inner.size();
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    await this.inner.read(buf, offset);
+    for (const p of this.patches) {
+      const from = Math.max(p.offset, offset);
+      const to = Math.min(p.offset + p.bytes.length, offset + buf.length);
+      if (from < to) p.bytes.copy(buf, from - offset, from - p.offset, to - p.offset);
+    }
+  }
+
+  async write(): Promise<void> {
+    throw new Error(`${this.path} is read-only`);
+  }
+
+  sync(): Promise<void> {
+    return this.inner.sync();
+  }
+
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}

@@ -249,6 +249,7 @@ test('fio randwrite with crc32c verify over 4 connections', async (t) => {
         '--name=nbdverify',
         '--ioengine=nbd',
         `--uri=${srv.uri}`,
+        '--verify_state_save=0',
         '--rw=randwrite',
         '--bs=4k',
         '--verify=crc32c',
