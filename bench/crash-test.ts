@@ -45,3 +45,5 @@ try {
   else console.error(`crash-test: ERROR (seed ${seed}):`, err);
   process.exitCode = 1;
 }
+// Engines abandoned at a crash may still hold timers: the run is over.
+process.exit(process.exitCode ?? 0);

@@ -12,7 +12,7 @@ import { dirname, join, relative, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { EXPORT_SIZE, jobFor, makePlan, MAX_UNCACHED, primeJob, primeWritesJob, REGION, type CaseResult, type CaseSpec, type DrainResult, type Kind, type Results, type Section, type ServerRecord } from './cases.js';
+import { EXPORT_SIZE, jobFor, makePlan, MAX_UNCACHED, primeJob, primeWritesJob, REGION, warmJob, type CaseResult, type CaseSpec, type DrainResult, type Kind, type Results, type Section, type ServerRecord } from './cases.js';
 import { fioCommand, runFio, type FioJob } from './fio.js';
 import { renderMarkdown, targetLines } from './report.js';
 import { commandLine, pcacheFlush, pcacheStats, startNbdkit, startPcache, type Server } from './servers.js';
@@ -211,7 +211,7 @@ async function freshCache(path: string, size: number): Promise<void> {
   await sparseFile(path, size);
 }
 
-async function runCase(ctx: Ctx, section: Section, server: Server, c: CaseSpec, job: FioJob): Promise<CaseResult> {
+async function runCase(ctx: Ctx, section: Section, server: Server, c: CaseSpec, job: FioJob, settle: boolean): Promise<CaseResult> {
   const out = join(ctx.tmp, `fio-${server.id}-${c.id}.json`);
   const base: CaseResult = {
     section,
@@ -261,7 +261,7 @@ async function runCase(ctx: Ctx, section: Section, server: Server, c: CaseSpec, 
         `cpu ${fmtNum(base.cpuPer100k ?? 0, 2)} s/100k${base.hitPct !== null ? `, hits ${fmtNum(base.hitPct, 1)}%` : ''}` +
         (base.otherCores > 0.25 ? ` (others used ${fmtNum(base.otherCores, 2)} cores meanwhile)` : ''),
     );
-    if (!isRead(c.kind)) await server.settle();
+    if (settle && !isRead(c.kind)) await server.settle();
   } catch (err) {
     base.error = err instanceof Error ? err.message : String(err);
     log(`${tag}: ERROR ${base.error}`);
@@ -269,71 +269,111 @@ async function runCase(ctx: Ctx, section: Section, server: Server, c: CaseSpec, 
   return base;
 }
 
-async function runSection(ctx: Ctx, section: Section, defs: ServerDef[], cases: CaseSpec[]): Promise<void> {
+/**
+ * Run cases on each server in turn. Normally one server start takes all the cases, with a flush
+ * after each write case; with `freshPerCase` every case gets a freshly started server (and, for
+ * pcache, a fresh cache device) and nothing is flushed: through a slow backing a flush takes longer
+ * than the case.
+ */
+async function runSection(ctx: Ctx, section: Section, defs: ServerDef[], cases: CaseSpec[], freshPerCase = false): Promise<void> {
+  const all = ordered(cases);
+  // Each uncached-read case has its own region, the same one on every server.
+  const uncachedIndex = new Map(all.filter((c) => c.kind === 'uncachedread').map((c, i) => [c.id, i]));
   for (const def of defs) {
-    if (interrupted) return;
-    let server: Server;
-    log(`-- starting ${def.label}`);
-    try {
-      server = await def.start();
-    } catch (err) {
-      const msg = err instanceof Error ? err.message : String(err);
-      log(`-- ${def.id} did not start: ${msg}`);
-      ctx.results.servers.push({ section, id: def.id, label: def.label, commands: [], error: msg });
-      ctx.done += cases.length;
-      continue;
+    if (freshPerCase) {
+      for (const c of all) await runOnServer(ctx, section, def, [c], uncachedIndex, false);
+    } else {
+      await runOnServer(ctx, section, def, all, uncachedIndex, true);
     }
-    const rec: ServerRecord = { section, id: server.id, label: server.label, commands: server.commands, error: null };
+  }
+}
+
+function serverRecord(ctx: Ctx, section: Section, id: string, label: string, commands: string[]): ServerRecord {
+  let rec = ctx.results.servers.find((s) => s.section === section && s.id === id);
+  if (!rec) {
+    rec = { section, id, label, commands, error: null };
     ctx.results.servers.push(rec);
-    try {
-      let uncached = 0;
-      let primed: string | null = null;
-      if (def.primeWrites && cases.some((c) => !isRead(c.kind))) {
-        log(`   writing ${def.id}'s write region once first`);
-        await runFio(primeWritesJob(), server.uri, join(ctx.tmp, `fio-${server.id}-prime-writes.json`));
-      }
-      for (const c of ordered(cases)) {
-        if (interrupted) return;
-        if (c.kind === 'cachedread' && primed === null) {
-          try {
-            await runFio(primeJob(), server.uri, join(ctx.tmp, `fio-${server.id}-prime.json`));
-            await server.settle();
-            primed = '';
-          } catch (err) {
-            primed = `priming the cached region failed: ${err instanceof Error ? err.message : String(err)}`;
-          }
-        }
-        if (c.kind === 'cachedread' && primed) {
-          ctx.done++;
-          ctx.results.cases.push({
-            section,
-            caseId: c.id,
-            label: c.label,
-            kind: c.kind,
-            server: server.id,
-            serverLabel: server.label,
-            fio: null,
-            cpuSeconds: null,
-            cpuPer100k: null,
-            fioCpuSeconds: null,
-            otherCores: null,
-            wallSeconds: 0,
-            hitPct: null,
-            command: '',
-            error: primed,
-          });
-          continue;
-        }
-        const job = jobFor(c, ctx.opts.runtime, c.kind === 'uncachedread' ? uncached++ : 0);
-        ctx.results.cases.push(await runCase(ctx, section, server, c, job));
-      }
-    } finally {
-      log(`-- stopping ${def.id}`);
-      await server.stop().catch((err) => {
-        rec.error = `stop failed: ${err instanceof Error ? err.message : String(err)}`;
-        log(`-- ${rec.error}`);
-      });
+  }
+  return rec;
+}
+
+function failedCase(section: Section, server: { id: string; label: string }, c: CaseSpec, error: string): CaseResult {
+  return {
+    section,
+    caseId: c.id,
+    label: c.label,
+    kind: c.kind,
+    server: server.id,
+    serverLabel: server.label,
+    fio: null,
+    cpuSeconds: null,
+    cpuPer100k: null,
+    fioCpuSeconds: null,
+    otherCores: null,
+    wallSeconds: 0,
+    hitPct: null,
+    command: '',
+    error,
+  };
+}
+
+async function runOnServer(ctx: Ctx, section: Section, def: ServerDef, cases: CaseSpec[], uncachedIndex: Map<string, number>, settle: boolean): Promise<void> {
+  if (interrupted) return;
+  let server: Server;
+  log(`-- starting ${def.label}`);
+  try {
+    server = await def.start();
+  } catch (err) {
+    const msg = err instanceof Error ? err.message : String(err);
+    log(`-- ${def.id} did not start: ${msg}`);
+    serverRecord(ctx, section, def.id, def.label, []).error = msg;
+    for (const c of cases) {
+      ctx.done++;
+      ctx.results.cases.push(failedCase(section, def, c, `the server did not start: ${msg.split('\n')[0]}`));
     }
+    return;
+  }
+  const rec = serverRecord(ctx, section, server.id, server.label, server.commands);
+  try {
+    let primed: string | null = null;
+    if (def.primeWrites && cases.some((c) => !isRead(c.kind))) {
+      log(`   writing ${def.id}'s write region once first`);
+      await runFio(primeWritesJob(), server.uri, join(ctx.tmp, `fio-${server.id}-prime-writes.json`));
+    }
+    for (const [i, c] of cases.entries()) {
+      if (interrupted) return;
+      if (c.kind === 'cachedread' && primed === null) {
+        try {
+          await runFio(primeJob(), server.uri, join(ctx.tmp, `fio-${server.id}-prime.json`));
+          await server.settle();
+          const before = server.cacheDev ? await pcacheStats(server.cacheDev) : null;
+          await runFio(warmJob(), server.uri, join(ctx.tmp, `fio-${server.id}-warm.json`));
+          if (before && server.cacheDev) {
+            const after = await pcacheStats(server.cacheDev);
+            const bytes = after.readBytes - before.readBytes;
+            rec.primedHitPct = bytes > 0 ? ((after.readHitBytes - before.readHitBytes) / bytes) * 100 : null;
+            log(`   the primed region was ${fmtNum(rec.primedHitPct ?? 0, 1)}% in the cache when first read back after the flush`);
+          }
+          primed = '';
+        } catch (err) {
+          primed = `priming the cached region failed: ${err instanceof Error ? err.message : String(err)}`;
+        }
+      }
+      if (c.kind === 'cachedread' && primed) {
+        ctx.done++;
+        ctx.results.cases.push(failedCase(section, server, c, primed));
+        continue;
+      }
+      const job = jobFor(c, ctx.opts.runtime, uncachedIndex.get(c.id) ?? 0);
+      // No flush after the server's last case: it stops next.
+      ctx.results.cases.push(await runCase(ctx, section, server, c, job, settle && i < cases.length - 1));
+    }
+  } finally {
+    log(`-- stopping ${def.id}`);
+    await server.stop().catch((err) => {
+      rec.error = `stop failed: ${err instanceof Error ? err.message : String(err)}`;
+      log(`-- ${rec.error}`);
+    });
   }
 }
 
@@ -556,10 +596,11 @@ async function main(): Promise<number> {
   // The backing file: 8 GiB, sparse except for the write region (so that writes to it overwrite,
   // as in nbdkit memory after its priming pass) and the uncached-read regions, which hold data that
   // is then dropped from the page cache.
-  const uncachedCases = plan.main.filter((c) => c.kind === 'uncachedread').length;
+  const uncachedCases = mainDefsIds.length > 0 ? plan.main.filter((c) => c.kind === 'uncachedread').length : 0;
   if (uncachedCases > MAX_UNCACHED) throw new Error('too many uncached-read cases for the export');
   await sparseFile(ctx.backing, EXPORT_SIZE);
   const fills = [REGION.seqwrite, ...Array.from({ length: uncachedCases }, (_, k) => REGION.uncached(k))];
+  if (ctx.total === 0 && !runDrainToo) throw new Error('nothing to run: no case matches --servers and --filter');
   log(`preparing the backing file: ${fills.reduce((a, r) => a + r.size, 0) / GiB} GiB of data`);
   for (const r of fills) await fillFile(ctx.backing, r.offset, r.size);
   await dropFileCache(ctx.backing);
@@ -589,7 +630,7 @@ async function main(): Promise<number> {
     ]),
   ];
   if (opts.servers.has('pcache-slow') && plan.slow.length > 0) slowDefs.push(await slowPcacheDef(ctx));
-  if (!interrupted) await runSection(ctx, 'slow', slowDefs.filter((d) => opts.servers.has(d.id)), plan.slow);
+  if (!interrupted) await runSection(ctx, 'slow', slowDefs.filter((d) => opts.servers.has(d.id)), plan.slow, true);
 
   if (runDrainToo && !interrupted) results.drain = await runDrain(ctx);
   if (interrupted) return 130;

@@ -180,6 +180,8 @@ export interface PcacheStats {
   reads: number;
   readHits: number;
   readMisses: number;
+  readBytes: number;
+  readHitBytes: number;
 }
 
 async function control(cacheDev: string, cmd: string, args: string[] = []): Promise<unknown> {
@@ -197,6 +199,8 @@ export async function pcacheStats(cacheDev: string): Promise<PcacheStats> {
     reads: c.reads ?? 0,
     readHits: c.readHits ?? 0,
     readMisses: c.readMisses ?? 0,
+    readBytes: c.readBytes ?? 0,
+    readHitBytes: c.readHitBytes ?? 0,
   };
 }
 

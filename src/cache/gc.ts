@@ -34,7 +34,7 @@ export class Gc {
 
   private wanted(): boolean {
     const s = this.core.segments;
-    return s.waiting > 0 || this.core.stats.writesWaiting > 0 || s.usedSegments * 100 >= this.gcPercent * s.n;
+    return s.waiting > 0 || this.core.stats.writesWaiting > 0 || (s.usedSegments - s.retiring) * 100 >= this.gcPercent * s.n;
   }
 
   kick(): void {
@@ -73,7 +73,8 @@ export class Gc {
         ran = true;
       }
       let leftSeg = -1;
-      for (let n = 0; n < GC_BATCH && !samePosition(this.keyTailPos, this.dirtyTail()); n++) {
+      // wanted() is asked again for every kset: GC stops as soon as enough is on its way to free.
+      for (let n = 0; n < GC_BATCH && (n === 0 || this.wanted()) && !samePosition(this.keyTailPos, this.dirtyTail()); n++) {
         const pos = this.keyTailPos;
         const kset = await readKset(core.medium, core.physOf, pos);
         if (kset instanceof FormatError) throw new Error(`gc: kset at key_tail ${pos.seg}:${pos.off}: ${kset.message}`);
@@ -93,10 +94,8 @@ export class Gc {
         core.stats.gcKsets++;
       }
       await this.keyTailRecord.store(this.keyTailPos);
-      if (leftSeg >= 0) {
-        core.segments.freeLogSegment(leftSeg);
-        core.stats.segmentsFreed++;
-      }
+      // (Counted in segmentsFreed by the segments' onFree hook.)
+      if (leftSeg >= 0) core.segments.freeLogSegment(leftSeg);
     }
   }
 }

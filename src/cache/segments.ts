@@ -17,6 +17,9 @@ export class Segments {
   private readonly pins: Int32Array;
   /** Segments whose last reference is gone but that wait for their pins before invalidation. */
   private readonly doomed: Uint8Array;
+  /** Segments whose last reference is gone and that are on their way to free. */
+  private readonly retiringFlag: Uint8Array;
+  private retiringCount = 0;
   readonly gens: number[];
   private readonly genRecords: TwoSlotRecord<number>[];
   private usedCount = 0;
@@ -34,6 +37,7 @@ export class Segments {
     this.refs = new Int32Array(this.n);
     this.pins = new Int32Array(this.n);
     this.doomed = new Uint8Array(this.n);
+    this.retiringFlag = new Uint8Array(this.n);
     this.gens = [...gens];
     this.genRecords = physOf.map((phys, i) => genRecord(medium, phys, genSlots[i]!));
   }
@@ -121,8 +125,20 @@ export class Segments {
     this.release(seg);
   }
 
+  /**
+   * Used segments that are already on their way to free: GC counts them as free, or it would go
+   * on collecting while the generation bumps are still being written.
+   */
+  get retiring(): number {
+    return this.retiringCount;
+  }
+
   private retire(seg: number): void {
     if (this.refs[seg]! > 0 || !this.used[seg]) return;
+    if (!this.retiringFlag[seg]) {
+      this.retiringFlag[seg] = 1;
+      this.retiringCount++;
+    }
     if (this.pins[seg]! > 0) {
       this.doomed[seg] = 1;
       return;
@@ -144,6 +160,10 @@ export class Segments {
 
   private release(seg: number): void {
     if (!this.used[seg]) return;
+    if (this.retiringFlag[seg]) {
+      this.retiringFlag[seg] = 0;
+      this.retiringCount--;
+    }
     this.used[seg] = 0;
     this.usedCount--;
     this.onFree();

@@ -139,7 +139,7 @@ async function run(argv: string[], io: CliIo): Promise<number> {
         throw new CliError(`${cachePath}: ${messageOf(err)}; the cache still holds the rest (dirty_tail ${formatPosition(cache.dirtyTail)})`);
       }
       const last = cache.status();
-      progress.update(last, true);
+      if (last.counters.writtenBackKsets > 0) progress.update(last, true);
       progress.end();
       await cache.close();
       if (!samePosition(last.dirtyTail, last.keyHead)) throw new CliError(`${cachePath}: write-back stopped at ${formatPosition(last.dirtyTail)} before key_head ${formatPosition(last.keyHead)}`);

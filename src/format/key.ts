@@ -63,6 +63,20 @@ export interface KeyBounds {
 
 /** Bounds a key on media must respect (spec section 5); null when it does. */
 export function validateKey(key: Key, bounds: KeyBounds): FormatError | null {
+  // The common case is a good key: its description is built only for an error.
+  if (
+    key.len > 0 &&
+    (key.flags & ~KEY_FLAG_CLEAN) === 0 &&
+    key.seg < bounds.nSegs &&
+    key.segOff < SEG_DATA_SIZE &&
+    key.len <= SEG_DATA_SIZE - key.segOff &&
+    key.gen < Number.MAX_SAFE_INTEGER &&
+    key.off < Number.MAX_SAFE_INTEGER - key.len &&
+    (bounds.backingSize === undefined || key.off + key.len <= bounds.backingSize) &&
+    Math.floor(key.off / SUBTREE_SIZE) === Math.floor((key.off + key.len - 1) / SUBTREE_SIZE)
+  ) {
+    return null;
+  }
   const what = describeKey(key);
   if (key.len === 0) return new FormatError('bad-key', `${what}: length is 0`);
   if (key.flags & KEY_FLAG_EMPTY) return new FormatError('bad-key', `${what}: an EMPTY placeholder is on media`);

@@ -69,6 +69,11 @@ export class PageImage {
     }
   }
 
+  /** Has page `index` (of PAGE bytes) ever been written? A page never written holds the fill. */
+  written(index: number): boolean {
+    return this.page(index) !== undefined;
+  }
+
   private page(index: number): Uint8Array | undefined {
     return this.chunks[Math.floor(index / CHUNK_PAGES)]?.pages[index % CHUNK_PAGES];
   }

@@ -90,7 +90,7 @@ test('a read in flight keeps its segment: GC collects it, writes cycle through t
 
   // Unpinned, S is invalidated (its generation bumped) and goes back into use.
   await waitFor(() => genWrites.length > 0, "S's generation to move once the read is done");
-  for (let i = 0; writesToS.length === 0 && i < 4 * nSegs; i++) await cache.write(16 * MiB + (i % 8) * 4 * MiB, fresh);
+  for (let i = 0; writesToS.length === 0 && i < 8 * nSegs; i++) await cache.write(16 * MiB + (i % 8) * 4 * MiB, fresh);
   assert.ok(writesToS.length > 0, 'S is reused after the read');
   assert.ok((await cache.read(0, MiB)).equals(x), 'X still reads right (now from the backing device)');
   await cache.close();

@@ -1,10 +1,13 @@
-/** Shared pieces of the cache engine tests: sizes, a byte model, waiting, and media wrappers. */
+/**
+ * Shared pieces of the cache engine tests: sizes, data patterns, waiting, sparse in-memory devices
+ * (with crash images), and media wrappers that reorder, observe, hold or fail I/O.
+ */
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
-import { closeSync, ftruncateSync, openSync, readSync, writeSync } from 'node:fs';
 import { after } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { BackingDevice } from '../../src/backing/backing.js';
+import { formatCache } from '../../src/cache/format.js';
+import { dirtyTailOffset, encodePosition, FormatError, keyTailOffset, SEG_DATA_SIZE, type Position } from '../../src/format/index.js';
 import { Gate, settle, type HoldController, type IoOp, type IoPredicate } from '../../src/media/gate.js';
 import type { Medium } from '../../src/media/medium.js';
 import type { Rng } from '../helpers/rng.js';
@@ -19,7 +22,7 @@ export const CACHE_SIZE = 512 * MiB;
 /** Engine timings short enough that tests exercise the timers, not wait for them. */
 export const FAST = { writebackIntervalMs: 50, ksetCloseMs: 20 } as const;
 
-/** Random bytes, fast: a seeded pattern stamped with the write's number so no two writes look alike. */
+/** Random-looking bytes, fast: an xorshift sequence from a fresh seed per call, so no two writes look alike. */
 export function pattern(rng: Rng, len: number): Buffer {
   const buf = Buffer.allocUnsafe(len);
   let x = (rng.int(0x7fffffff) | 1) >>> 0;
@@ -37,6 +40,14 @@ export function pattern(rng: Rng, len: number): Buffer {
   return buf;
 }
 
+/**
+ * Like pattern(), cheaper for large writes: a random 520-byte block repeated. As 520 is not a
+ * multiple of 512, every sector of the write differs from its neighbours.
+ */
+export function quickPattern(rng: Rng, len: number): Buffer {
+  return Buffer.allocUnsafe(len).fill(pattern(rng, 520));
+}
+
 /** Resolve when `cond()` holds; fail the test with `what` after `timeoutMs`. */
 export async function waitFor(cond: () => boolean, what: string, timeoutMs = 20_000): Promise<void> {
   const until = Date.now() + timeoutMs;
@@ -44,10 +55,6 @@ export async function waitFor(cond: () => boolean, what: string, timeoutMs = 20_
     if (Date.now() > until) assert.fail(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(5);
   }
-}
-
-export function sha(buf: Buffer): string {
-  return createHash('sha1').update(buf).digest('hex');
 }
 
 /** The first offset where two buffers differ, for a readable failure; -1 when equal. */
@@ -62,14 +69,6 @@ export function firstDiff(a: Buffer, b: Buffer): number {
     }
   }
   return -1;
-}
-
-/** assert that two device images are equal, naming the first differing byte rather than dumping them. */
-export function assertSameImage(actual: Buffer, expected: Buffer, what: string): void {
-  const at = firstDiff(actual, expected);
-  if (at >= 0) {
-    assert.fail(`${what}: differs at byte ${at} (sector ${Math.floor(at / 512)}): got ${actual[at]}, expected ${expected[at]}`);
-  }
 }
 
 /**
@@ -146,69 +145,6 @@ export class ObservedMedium implements Medium {
 
   close(): Promise<void> {
     return this.inner.close();
-  }
-}
-
-/**
- * The expected content of a device, kept in a sparse temporary file rather than in memory: page
- * cache is cheap here, while touching gigabytes of fresh anonymous memory is slow.
- */
-const ZEROS = Buffer.alloc(4 * MiB);
-
-export class ModelFile {
-  private readonly fd: number;
-
-  constructor(
-    readonly path: string,
-    readonly size: number,
-  ) {
-    this.fd = openSync(path, 'w+');
-    ftruncateSync(this.fd, size);
-  }
-
-  write(off: number, data: Buffer): void {
-    let done = 0;
-    while (done < data.length) done += writeSync(this.fd, data, done, data.length - done, off + done);
-  }
-
-  zero(off: number, len: number): void {
-    const z = ZEROS;
-    for (let pos = off; pos < off + len; pos += z.length) this.write(pos, z.subarray(0, Math.min(z.length, off + len - pos)));
-  }
-
-  read(off: number, len: number): Buffer {
-    return this.readInto(Buffer.allocUnsafe(len), off);
-  }
-
-  /** Fill `buf` from `off` (reusing one buffer avoids page faults, which are slow on this VM). */
-  readInto(buf: Buffer, off: number): Buffer {
-    let done = 0;
-    while (done < buf.length) {
-      const n = readSync(this.fd, buf, done, buf.length - done, off + done);
-      if (n === 0) {
-        buf.fill(0, done);
-        break;
-      }
-      done += n;
-    }
-    return buf;
-  }
-
-  close(): void {
-    closeSync(this.fd);
-  }
-}
-
-/** Compare a device, read through `read`, with the model, a few MiB at a time. */
-export async function assertDeviceEqualsModel(read: (buf: Buffer, off: number) => Promise<void>, model: ModelFile, what: string): Promise<void> {
-  const got = Buffer.allocUnsafe(4 * MiB);
-  const want = Buffer.allocUnsafe(4 * MiB);
-  for (let off = 0; off < model.size; off += got.length) {
-    const n = Math.min(got.length, model.size - off);
-    await read(got.subarray(0, n), off);
-    model.readInto(want.subarray(0, n), off);
-    const at = firstDiff(got.subarray(0, n), want.subarray(0, n));
-    if (at >= 0) assert.fail(`${what}: differs at byte ${off + at} (got ${got[at]}, expected ${want[at]})`);
   }
 }
 
@@ -338,6 +274,18 @@ export class SparseStore {
     return first;
   }
 
+  /** An independent copy. */
+  clone(): SparseStore {
+    const c = new SparseStore(this.size);
+    for (const [idx, chunk] of this.chunks) c.chunks.set(idx, (chunkPool.pop() ?? Buffer.allocUnsafe(CHUNK)).fill(chunk));
+    return c;
+  }
+
+  /** The chunks that hold data, in offset order (for writing the store out sparsely). */
+  *extents(): IterableIterator<{ off: number; data: Buffer }> {
+    for (const idx of [...this.chunks.keys()].sort((a, b) => a - b)) yield { off: idx * CHUNK, data: this.chunks.get(idx)! };
+  }
+
   /** Give the memory back to the pool; the store is empty afterwards. */
   release(): void {
     for (const c of this.chunks.values()) chunkPool.push(c);
@@ -350,10 +298,10 @@ export class StoreMedium implements Medium {
   readonly store: SparseStore;
 
   constructor(
-    size: number,
+    sizeOrStore: number | SparseStore,
     readonly path = 'store-medium',
   ) {
-    this.store = new SparseStore(size);
+    this.store = typeof sizeOrStore === 'number' ? new SparseStore(sizeOrStore) : sizeOrStore;
   }
 
   size(): number {
@@ -386,10 +334,10 @@ export class StoreBacking implements BackingDevice {
   flushes = 0;
 
   constructor(
-    size: number,
+    sizeOrStore: number | SparseStore,
     readonly name = 'store-backing',
   ) {
-    this.store = new SparseStore(size);
+    this.store = typeof sizeOrStore === 'number' ? new SparseStore(sizeOrStore) : sizeOrStore;
   }
 
   size(): number {
@@ -422,4 +370,150 @@ export class StoreBacking implements BackingDevice {
 export function keepProcessAlive(): void {
   const t = setInterval(() => undefined, 1000);
   after(() => clearInterval(t));
+}
+
+interface Pending {
+  off: number;
+  data: Buffer;
+  seq: number;
+}
+
+/**
+ * What a device holds versus what a power cut would leave, over sparse stores (the semantics of
+ * src/media/volatile.ts, which needs dense buffers): reads see every completed write; a sync makes
+ * durable the writes completed before it began; a crash keeps each 512-byte sector of every other
+ * write, completed or in flight, or not, at random, overlapping ones landing in random order.
+ * The power stays off: I/O after the crash (of an engine still winding down) is dropped.
+ */
+export class CrashStore {
+  readonly current: SparseStore;
+  private readonly durable: SparseStore;
+  private readonly inflight = new Set<Pending>();
+  private completed: Pending[] = [];
+  private seq = 0;
+  /** After crash(), the image is taken: later I/O of whoever still holds the device changes nothing. */
+  private crashed = false;
+
+  constructor(size: number) {
+    this.current = new SparseStore(size);
+    this.durable = new SparseStore(size);
+  }
+
+  async write(data: Buffer, off: number): Promise<void> {
+    const w: Pending = { off, data: Buffer.from(data), seq: 0 };
+    this.inflight.add(w);
+    await settle();
+    if (this.crashed) return;
+    this.current.write(w.data, off);
+    this.inflight.delete(w);
+    w.seq = ++this.seq;
+    this.completed.push(w);
+  }
+
+  async sync(): Promise<void> {
+    const mark = this.seq;
+    await settle();
+    if (this.crashed) return;
+    let i = 0;
+    for (; i < this.completed.length && this.completed[i]!.seq <= mark; i++) this.durable.write(this.completed[i]!.data, this.completed[i]!.off);
+    this.completed.splice(0, i);
+  }
+
+  /** The image a power cut now would leave. `consume` builds it in place: cheaper, but the end of this store. */
+  crash(rng: Rng, consume = false): SparseStore {
+    this.crashed = true;
+    const out = consume ? this.durable : this.durable.clone();
+    const writes = [...this.completed, ...this.inflight];
+    for (let i = writes.length - 1; i > 0; i--) {
+      const j = rng.int(i + 1);
+      [writes[i], writes[j]] = [writes[j]!, writes[i]!];
+    }
+    for (const w of writes) {
+      const end = w.off + w.data.length;
+      for (let pos = w.off; pos < end; ) {
+        const next = Math.min(end, (Math.floor(pos / 512) + 1) * 512);
+        if (rng.next() < 0.5) out.write(w.data.subarray(pos - w.off, next - w.off), pos);
+        pos = next;
+      }
+    }
+    return out;
+  }
+}
+
+/** A cache device that can crash (CrashStore). */
+export class CrashStoreMedium implements Medium {
+  readonly img: CrashStore;
+
+  constructor(
+    size: number,
+    readonly path = 'crash-store-medium',
+  ) {
+    this.img = new CrashStore(size);
+  }
+
+  size(): number {
+    return this.img.current.size;
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    await settle();
+    this.img.current.read(buf, offset);
+  }
+
+  write(data: Buffer | readonly Buffer[], offset: number): Promise<void> {
+    return this.img.write(Buffer.isBuffer(data) ? data : Buffer.concat(data), offset);
+  }
+
+  sync(): Promise<void> {
+    return this.img.sync();
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** A backing device that can crash (CrashStore). */
+export class CrashStoreBacking implements BackingDevice {
+  readonly img: CrashStore;
+
+  constructor(
+    size: number,
+    readonly name = 'crash-store-backing',
+  ) {
+    this.img = new CrashStore(size);
+  }
+
+  size(): number {
+    return this.img.current.size;
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    await settle();
+    this.img.current.read(buf, offset);
+  }
+
+  write(data: Buffer, offset: number): Promise<void> {
+    return this.img.write(data, offset);
+  }
+
+  flush(): Promise<void> {
+    return this.img.sync();
+  }
+
+  async close(): Promise<void> {}
+}
+
+/**
+ * Format `medium` and move key_tail and dirty_tail (with an empty log) to `room` bytes before the
+ * end of cache segment 0's data area, as if that much log had been written and collected: the
+ * log then moves to a new segment (a LAST kset) after a few ksets, which a test can afford.
+ */
+export async function formatWithLogNearEnd(medium: Medium, opts: { dataCrc: boolean; gcPercent: number }, room = 8 * KiB): Promise<Position> {
+  const f = await formatCache(medium, { dataCrc: opts.dataCrc, gcPercent: opts.gcPercent });
+  assert.ok(!(f instanceof FormatError), String(f));
+  const pos: Position = { seg: 0, off: SEG_DATA_SIZE - room };
+  // A fresh format writes both tails in slot 0 with seq 1; seq 2 in slot 1 is newer.
+  await medium.write(encodePosition({ seq: 2, ...pos }), keyTailOffset(1));
+  await medium.write(encodePosition({ seq: 2, ...pos }), dirtyTailOffset(1));
+  await medium.sync();
+  return pos;
 }

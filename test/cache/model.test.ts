@@ -17,7 +17,7 @@ import { CACHE_SIZE, FAST, GiB, JitterMedium, MiB, pattern, SparseStore, StoreBa
 
 const BACKING_SIZE = 2 * GiB;
 const SECTOR = 512;
-const STEPS = Number(process.env.PCACHE_MODEL_STEPS ?? 2500);
+const STEPS = Number(process.env.PCACHE_MODEL_STEPS ?? 2000);
 const SEED = testSeed('PCACHE_SEED');
 console.log(`model test seed ${SEED} (replay with PCACHE_SEED=${SEED})`);
 

@@ -84,6 +84,10 @@ export interface CrashDriverResult {
   fallbacks: number;
   /** Reopens where replay named a damaged kset at the log's end (a torn last kset). */
   tornLogEnds: number;
+  /** Clean shutdowns and restarts in the middle of a lineage. */
+  cleanRestarts: number;
+  /** Power cuts while a blank device was being formatted. */
+  formatCuts: number;
   /** Where the time went. */
   phaseMs: Record<string, number>;
   ms: number;
@@ -170,13 +174,18 @@ const PLANS: Array<[string, number, boolean, number]> = [
   ['gen', 6, false, 3],
   ['gen', 3, true, 3],
   ['wb-write', 8, false, 24],
+  ['wb-write-unsynced', 6, false, 4],
+  ['dirty-tail-unsynced', 6, false, 2],
   ['wb-flush', 5, false, 6],
   ['data', 5, false, 40],
   ['sync', 5, false, 20],
+  ['reuse', 4, false, 1],
+  ['meta', 2, false, 1],
+  ['meta', 1, true, 1],
 ];
 const SWITCH_PLANS = PLANS.filter((p) => p[0] === 'log-end' || p[0] === 'last-kset');
 /** Moments only garbage collection brings. */
-const GC_KINDS = new Set(['key-tail', 'gen']);
+const GC_KINDS = new Set(['key-tail', 'gen', 'reuse']);
 
 /**
  * A moment the lineage can reach: a segment switch only when the log is near a segment's end,
@@ -198,7 +207,11 @@ type Op =
   | { kind: 'read'; off: number; len: number }
   | { kind: 'write'; off: number; len: number; fua: boolean }
   | { kind: 'zero'; off: number; len: number }
-  | { kind: 'flush' };
+  | { kind: 'flush' }
+  /** A dm-pcache message: rewrites cache_info. */
+  | { kind: 'gc-percent'; n: number }
+  /** A clean shutdown and restart (alone in its batch). */
+  | { kind: 'close' };
 
 class Workload {
   private hot = 0;
@@ -236,8 +249,10 @@ class Workload {
     const r = this.rng.next();
     if (r < 0.48) return { kind: 'write', ...this.range(), fua: false };
     if (r < 0.56) return { kind: 'write', ...this.range(), fua: true };
-    if (r < 0.58) return { kind: 'zero', ...this.range() };
+    if (r < 0.57) return { kind: 'zero', ...this.range() };
     if (r < 0.66) return { kind: 'flush' };
+    if (r < 0.67) return { kind: 'gc-percent', n: pick(this.rng, [0, 5, 10, 50, 70, 90]) };
+    if (r < 0.675) return { kind: 'close' };
     return { kind: 'read', ...this.range() };
   }
 }
@@ -303,6 +318,8 @@ class Lineage {
   private cache!: Cache;
   private point = 0;
   private cutAt = '';
+  /** Physical segments whose generation bump was issued and that no data was written to since. */
+  private readonly bumped = new Set<number>();
 
   constructor(
     readonly seed: number,
@@ -346,12 +363,46 @@ class Lineage {
     const base = this.cfg.aged ? await agedImage(this.rng, this.cfg) : new PageImage(CACHE_SIZE);
     this.medium = new SparseCrashMedium(base, 'crash-cache');
     this.backing = new SparseCrashBacking(initialBackingImage(), 'crash-backing');
-    this.cache = await withTimeout(Cache.open(this.medium, this.backing, this.opts), 20_000, 'opening a fresh cache');
+    if (!this.cfg.aged && this.rng.next() < 0.15) await this.cutWhileFormatting();
+    else this.cache = await withTimeout(Cache.open(this.medium, this.backing, this.opts), 20_000, 'opening a fresh cache');
     for (this.point = 0; this.point < points; this.point++) {
       await this.crashPoint();
       this.res.crashPoints++;
     }
     await this.finish();
+  }
+
+  /**
+   * Cut the power at a random write or sync of the format of a blank device: the device must then
+   * open as blank (and be formatted again) or as formatted, never as something in between.
+   */
+  private async cutWhileFormatting(): Promise<void> {
+    const medium = this.medium;
+    const target = 1 + this.rng.int(140);
+    const keep = pick(this.rng, [0, 0.5, 1]);
+    const crashRng = seededRng(this.rng.int(2 ** 32));
+    let n = 0;
+    let img: PageImage | null = null;
+    medium.onIssue = (io) => {
+      if (img || io.op === 'read' || ++n !== target) return;
+      img = medium.crash(crashRng.next, { keep });
+      medium.kill();
+    };
+    try {
+      this.cache = await withTimeout(Cache.open(medium, this.backing, this.opts), 20_000, 'formatting');
+    } catch (err) {
+      if (!img) throw err;
+    }
+    medium.onIssue = undefined;
+    if (!img) return;
+    this.res.formatCuts++;
+    bump(this.res.crashedAt, 'format');
+    await this.cache?.abandon();
+    const report = await checkCache(new PageMedium((img as PageImage).clone()), { backingSize: BACKING_SIZE });
+    const blank = report.problems.some((p) => /not formatted/.test(p));
+    if (!report.clean && !blank) this.fail(`a power cut while formatting left: ${report.problems.join('; ')}`);
+    this.medium = new SparseCrashMedium(img, 'crash-cache');
+    this.cache = await withTimeout(Cache.open(this.medium, this.backing, this.opts), 20_000, 'opening after a power cut while formatting');
   }
 
   /** Run the workload to the planned moment, cut the power, reopen, verify. */
@@ -382,17 +433,31 @@ class Lineage {
     };
     let seen = 0;
     let armedSync = false;
+    let unsyncedKsets = 0;
     const planLabel = `${plan.kind}${plan.atNextSync ? '+sync' : ''}`;
     const observe = (src: 'medium' | 'backing', io: IssuedIo): void => {
-      const kind = classify(src, io);
+      let kind = classify(src, io);
+      // The first data written into a segment after its generation bump was issued: the moment a
+      // freed segment is reused (its new generation must be durable by then).
+      if (src === 'medium' && (kind === 'gen' || kind === 'data')) {
+        const phys = Math.floor((io.offset - SEGMENTS_OFF) / SEG_SIZE);
+        if (kind === 'gen') this.bumped.add(phys);
+        else if (this.bumped.delete(phys)) kind = 'reuse';
+      }
       bump(res.events, kind);
       if (kind === 'kset') {
         const k = decodeKset(io.data!, N_SEGS);
         if (!(k instanceof FormatError) && !k.last) model.ksetWritten(k.keys.filter((key) => !(key.flags & KEY_FLAG_CLEAN)));
       }
+      // Write-back or its dirty_tail update while some kset written is not yet covered by a sync:
+      // where acting on a kset before it is durable would show.
+      if (kind === 'kset' || kind === 'last-kset') unsyncedKsets++;
+      else if (kind === 'sync') unsyncedKsets = 0;
+      const alias = unsyncedKsets > 0 && (kind === 'wb-write' || kind === 'dirty-tail') ? `${kind}-unsynced` : null;
+      if (alias) bump(res.events, alias);
       if (plan.kind === 'time') return;
       if (armedSync && kind === 'sync') return cut(planLabel);
-      if (kind === plan.kind && ++seen === plan.nth) {
+      if ((kind === plan.kind || alias === plan.kind) && ++seen === plan.nth) {
         if (plan.atNextSync) armedSync = true;
         else cut(planLabel);
       }
@@ -456,7 +521,15 @@ class Lineage {
     const want = 1 + this.rng.int(6);
     for (let tries = 0; batch.length < want && tries < 20; tries++) {
       const op = this.work.op();
-      if (op.kind !== 'flush' && batch.some((b) => b.kind !== 'flush' && (op.kind !== 'read' || b.kind !== 'read') && overlaps(op, b))) continue;
+      if (op.kind === 'close') {
+        if (batch.length === 0) return [op];
+        continue;
+      }
+      if (op.kind === 'gc-percent') {
+        batch.push(op);
+        continue;
+      }
+      if (op.kind !== 'flush' && batch.some((b) => 'off' in b && (op.kind !== 'read' || b.kind !== 'read') && overlaps(op, b))) continue;
       batch.push(op);
     }
     return batch;
@@ -487,6 +560,23 @@ class Lineage {
         track(p, () => model.completeFlush(covered));
         return p;
       }
+      case 'gc-percent': {
+        const p = cache.setGcPercent(op.n);
+        track(p, () => undefined);
+        return p;
+      }
+      case 'close': {
+        // A clean shutdown makes every acknowledged write durable, then the cache starts again.
+        const covered = model.issueFlush();
+        const p = cache.close().then(async () => {
+          if (this.medium.killed) return;
+          model.completeFlush(covered);
+          res.cleanRestarts++;
+          this.cache = await Cache.open(this.medium, this.backing, this.opts);
+        });
+        track(p, () => undefined);
+        return p;
+      }
       case 'read': {
         // No write to this range is in flight: the read must return exactly the newest data.
         const expect: number[] = [];
@@ -513,10 +603,20 @@ class Lineage {
     if (model.strayKeys.length) this.fail(`keys in the log that no write explains: ${model.strayKeys.join('; ')}`);
     const report = await withTimeout(checkCache(new PageMedium(mImg.clone(), 'crash-image'), { backingSize: BACKING_SIZE }), 20_000, 'checkCache');
     if (!report.clean) this.fail(`checkCache on the crash image: ${report.problems.join('; ')}`);
-    if (rng.next() < 0.1) {
-      const dump = await withTimeout(dumpCache(new PageMedium(mImg.clone(), 'crash-image')), 20_000, 'dumpCache');
-      if (dump.errors.length) this.fail(`dumpCache on the crash image: ${dump.errors.join('; ')}`);
-      if (dump.log?.end.seg !== report.keyHead?.seg || dump.log?.end.off !== report.keyHead?.off) this.fail('dump and check disagree on where the log ends');
+    const dump = await withTimeout(dumpCache(new PageMedium(mImg.clone(), 'crash-image')), 20_000, 'dumpCache');
+    if (dump.errors.length) this.fail(`dumpCache on the crash image: ${dump.errors.join('; ')}`);
+    if (dump.log?.end.seg !== report.keyHead?.seg || dump.log?.end.off !== report.keyHead?.off) this.fail('dump and check disagree on where the log ends');
+    // Sectors the replayed log keys, oldest first: replay taking an old key for live (a stale key
+    // whose segment was reused, a kset from an earlier lap) shows there, not in what was written.
+    const keyed: number[] = [];
+    const ksets = (dump.log?.ksets ?? []).filter((k) => !k.last);
+    const keyedSectors = (k: { off: number; len: number }): void => {
+      for (let s = k.off / SECTOR; s < (k.off + k.len) / SECTOR && keyed.length < 1024; s++) keyed.push(s);
+    };
+    for (const k of ksets.slice(0, 16)) for (const key of k.last ? [] : k.keys) if (!key.stale) keyedSectors(key);
+    for (let i = 0; i < 16 && ksets.length; i++) {
+      const k = ksets[rng.int(ksets.length)]!;
+      if (!k.last && k.keys.length) keyedSectors(k.keys[rng.int(k.keys.length)]!);
     }
     this.phase('check');
 
@@ -532,6 +632,7 @@ class Lineage {
 
     // Everything that may have changed, and a sample of what may not.
     const sectors = new Set(model.sectorsToVerify());
+    for (const s of keyed) sectors.add(s);
     for (let i = 0; i < 24; i++) sectors.add(rng.int(model.nSectors));
     for (let i = 0; i < 2; i++) {
       const s = rng.int(model.nSectors - 64);
@@ -582,10 +683,19 @@ class Lineage {
       }
     };
     if (whole) {
-      const chunk = Buffer.allocUnsafe(4 * MiB);
-      for (let off = 0; off < BACKING_SIZE; off += chunk.length) {
-        this.backing.peek(chunk, off);
-        for (let i = 0; i < chunk.length / SECTOR; i++) check(off / SECTOR + i, chunk, i * SECTOR);
+      // Pages never written hold the initial content (write 0) by construction: only check that
+      // the model expects it there; read and check every page written.
+      const page = Buffer.allocUnsafe(PAGE);
+      for (let p = 0; p < BACKING_SIZE / PAGE; p++) {
+        if (!this.backing.written(p)) {
+          for (let i = 0; i < PAGE / SECTOR; i++) {
+            const s = (p * PAGE) / SECTOR + i;
+            if (model.view[s] !== 0) this.fail(`after drain the backing sector ${s} was never written, the cache holds ${model.describe(model.view[s]!)}`);
+          }
+          continue;
+        }
+        this.backing.peek(page, p * PAGE);
+        for (let i = 0; i < PAGE / SECTOR; i++) check((p * PAGE) / SECTOR + i, page, i * SECTOR);
       }
       res.fullCompares++;
     } else {
@@ -627,6 +737,8 @@ export function newResult(seed: number): CrashDriverResult {
     events: {},
     fallbacks: 0,
     tornLogEnds: 0,
+    cleanRestarts: 0,
+    formatCuts: 0,
     phaseMs: {},
     ms: 0,
   };

@@ -18,7 +18,7 @@ console.log(`crash test seed ${SEED} (replay with PCACHE_SEED=${SEED})`);
 
 function merge(rs: CrashDriverResult[]): CrashDriverResult {
   const out = { ...rs[0]!, crashedAt: {} as Record<string, number>, events: {} as Record<string, number>, phaseMs: {} as Record<string, number> };
-  for (const k of ['crashPoints', 'lineages', 'ops', 'writes', 'bytesWritten', 'flushes', 'sectorsVerified', 'drains', 'fullCompares', 'fallbacks', 'tornLogEnds'] as const) {
+  for (const k of ['crashPoints', 'lineages', 'ops', 'writes', 'bytesWritten', 'flushes', 'sectorsVerified', 'drains', 'fullCompares', 'fallbacks', 'tornLogEnds', 'cleanRestarts', 'formatCuts'] as const) {
     out[k] = rs.reduce((n, r) => n + r[k], 0);
   }
   out.ms = Math.max(...rs.map((r) => r.ms));
@@ -38,13 +38,13 @@ test(`crash driver: ${POINTS} power cuts under a random workload, reopened and v
   );
   const r = merge(rs);
   t.diagnostic(`seed ${SEED}: ${r.crashPoints} crash points in ${r.lineages} lineages, ${r.ops} requests, ${r.sectorsVerified} sectors verified, ${r.drains} drains, ${Math.round(r.ms / 1000)} s`);
-  t.diagnostic(`cut at: ${JSON.stringify(r.crashedAt)}`);
+  t.diagnostic(`cut at: ${JSON.stringify(r.crashedAt)}; ${r.cleanRestarts} clean restarts, ${r.formatCuts} cuts while formatting, ${r.tornLogEnds} torn log ends`);
   t.diagnostic(`moments seen: ${JSON.stringify(r.events)}`);
   assert.ok(r.crashPoints >= POINTS, `${r.crashPoints} crash points`);
   assert.equal(r.fullCompares, r.lineages, 'every lineage ended with a full compare of the drained backing device');
   if (POINTS >= 1000) {
     // The run reached every kind of moment it aims at, not only random ones.
-    for (const k of ['time', 'kset', 'kset-trailer', 'log-end', 'last-kset', 'key-tail', 'dirty-tail', 'gen', 'wb-write', 'wb-flush', 'data', 'sync']) {
+    for (const k of ['time', 'kset', 'kset-trailer', 'log-end', 'last-kset', 'key-tail', 'dirty-tail', 'gen', 'reuse', 'wb-write', 'wb-flush', 'data', 'sync']) {
       assert.ok((r.crashedAt[k] ?? 0) > 0, `no crash point at ${k}: ${JSON.stringify(r.crashedAt)}`);
     }
   }

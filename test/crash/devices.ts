@@ -87,6 +87,11 @@ export class SparseCrashBacking implements BackingDevice {
     return this.img.current.clone();
   }
 
+  /** Has the page (of PAGE bytes) at `index` ever been written? If not it holds the initial content. */
+  written(index: number): boolean {
+    return this.img.current.written(index);
+  }
+
   /** Read what the device holds now, without the gate (for checks). */
   peek(buf: Buffer, offset: number): void {
     this.img.current.read(buf, offset);
