@@ -5,7 +5,7 @@
  *   node --import tsx bench/nbd/run.ts [--quick] [--runtime S] [--dir DIR] [--cache-size SIZE]
  *                                      [--servers a,b] [--filter TEXT] [--md FILE] [--json FILE]
  */
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { promises as fsp } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
@@ -640,7 +640,11 @@ async function main(): Promise<number> {
   const md = renderMarkdown(results, { repo: REPO, mdPath: opts.md });
   mkdirSync(dirname(opts.md), { recursive: true });
   mkdirSync(dirname(opts.json), { recursive: true });
-  writeFileSync(opts.md, md);
+  // The in-process engine section comes from bench/engine.ts; a rerun here keeps it.
+  const ENGINE_HEADING = '\n## In-process engine';
+  const old = existsSync(opts.md) ? readFileSync(opts.md, 'utf8') : '';
+  const at = old.indexOf(ENGINE_HEADING);
+  writeFileSync(opts.md, at >= 0 ? md.trimEnd() + '\n' + old.slice(at) : md);
   writeFileSync(opts.json, JSON.stringify(results, null, 2) + '\n');
   log('');
   for (const line of targetLines(results)) log(line);
