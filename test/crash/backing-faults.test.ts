@@ -143,14 +143,16 @@ test('write-back never skips a kset: a backing device failing one kset\'s writes
   const backing = new SparseCrashBacking(taggedBacking());
   const cache = await Cache.open(medium, backing, { writebackIntervalMs: 5, ksetCloseMs: 60_000 });
   const pv = new PossibleValues();
-  // Three ksets; the backing device fails every write to the middle one's range.
+  // Three ksets; the backing device fails every write to the middle one's range. Both the fault
+  // and the starting tail are set before the first write: write-back runs every 5 ms and may
+  // take the first kset before the loop ends.
+  backing.failWrites((off) => off >= MiB && off < MiB + 8192);
+  const start = cache.dirtyTail;
   for (const [i, off] of [0, MiB, 2 * MiB].entries()) {
     await cache.write(off, tagData(off, 8192, i + 1));
     pv.wrote(off, 8192, i + 1, true);
     await cache.flush();
   }
-  backing.failWrites((off) => off >= MiB && off < MiB + 8192);
-  const start = cache.dirtyTail;
   const deadline = Date.now() + 10_000;
   while (cache.status().counters.writebackErrors < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
   assert.ok(cache.status().counters.writebackErrors >= 2, 'write-back retried');
