@@ -3,9 +3,9 @@
  * - 4 KiB random writes, read hits and read misses per second, at queue depth 1 and 32;
  * - write-back throughput (MiB/s) from a file cache device to a file backing device;
  * - replay time (Cache.open) of a cache holding 1 million 4 KiB keys (target < 2 s);
- * - heap memory per cached key after that replay (target < 100 bytes).
+ * - memory per cached key after that replay, JS heap and array buffers (target < 100 bytes).
  *
- * Run: node --import tsx bench/engine.ts [--keys N] [--ops N]
+ * Run: node --import tsx bench/engine.ts [--keys N] [--ops N] [--only io|replay] [--replay-runs N]
  * Prints a markdown table (for BENCHMARKS.md) on stdout, progress on stderr.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -32,6 +32,11 @@ function arg(name: string, dflt: number): number {
 }
 const KEYS = arg('keys', 1_000_000);
 const OPS = arg('ops', 50_000);
+const REPLAY_RUNS = arg('replay-runs', 3);
+const ONLY = ((): string | null => {
+  const i = process.argv.indexOf('--only');
+  return i >= 0 ? process.argv[i + 1] ?? null : null;
+})();
 
 const log = (s: string): void => void process.stderr.write(`bench: ${s}\n`);
 const rows: Array<[string, string, string]> = [];
@@ -199,42 +204,58 @@ async function buildReplayCache(dir: string): Promise<{ cachePath: string; backi
   return { cachePath, backing };
 }
 
+function heldBytes(): number {
+  const m = process.memoryUsage();
+  return m.heapUsed + m.arrayBuffers;
+}
+
 async function replay(dir: string): Promise<void> {
   const { cachePath, backing } = await buildReplayCache(dir);
-  const medium = await openFileMedium(cachePath);
-  gc();
-  gc();
-  const heap0 = process.memoryUsage().heapUsed;
-  const rss0 = process.memoryUsage().rss;
-  const cpu0 = process.cpuUsage();
-  const t1 = process.hrtime.bigint();
-  const cache = await Cache.open(medium, backing);
-  const replayMs = Number(process.hrtime.bigint() - t1) / 1e6;
-  const cpu = process.cpuUsage(cpu0);
-  const cpuMs = (cpu.user + cpu.system) / 1000;
-  const keys = cache.status().indexKeys;
-  await cache.abandon();
-  gc();
-  gc();
-  const heap1 = process.memoryUsage().heapUsed;
-  const rss1 = process.memoryUsage().rss;
+  // The best of a few runs: wall time on a shared 2-core machine is mostly other processes' noise.
+  let best: { wallMs: number; cpuMs: number; keys: number } | null = null;
+  for (let run = 0; run < REPLAY_RUNS; run++) {
+    const medium = await openFileMedium(cachePath);
+    gc();
+    gc();
+    // Typed arrays live outside the JS heap: count them too (heapUsed alone would not see the index).
+    const heap0 = heldBytes();
+    const rss0 = process.memoryUsage().rss;
+    const cpu0 = process.cpuUsage();
+    const t1 = process.hrtime.bigint();
+    const cache = await Cache.open(medium, backing);
+    const wallMs = Number(process.hrtime.bigint() - t1) / 1e6;
+    const cpu = process.cpuUsage(cpu0);
+    const cpuMs = (cpu.user + cpu.system) / 1000;
+    const keys = cache.status().indexKeys;
+    log(`replay run ${run + 1}: ${fmt(keys)} keys in ${(wallMs / 1000).toFixed(2)} s (${(cpuMs / 1000).toFixed(2)} s CPU)`);
+    if (!best || wallMs < best.wallMs) best = { wallMs, cpuMs, keys };
+    if (run === 0) {
+      await cache.abandon();
+      gc();
+      gc();
+      const heap1 = heldBytes();
+      const rss1 = process.memoryUsage().rss;
+      row('memory per cached key (JS heap + array buffers)', `${((heap1 - heap0) / keys).toFixed(1)} bytes`, `target < 100; RSS grew ${((rss1 - rss0) / keys).toFixed(1)} bytes per key`);
+      // The cache stays reachable until measured.
+      if (cache.status().indexKeys !== keys) throw new Error('index changed');
+    } else {
+      await cache.abandon();
+    }
+    await medium.close();
+  }
   row(
-    `replay of ${fmt(keys)} keys (Cache.open)`,
-    `${(replayMs / 1000).toFixed(2)} s`,
-    `target < 2 s; ${(cpuMs / 1000).toFixed(2)} s of CPU (wall time suffers on a busy machine); data_crc off, warm page cache`,
+    `replay of ${fmt(best!.keys)} keys (Cache.open), best of ${REPLAY_RUNS}`,
+    `${(best!.wallMs / 1000).toFixed(2)} s`,
+    `target < 2 s; ${(best!.cpuMs / 1000).toFixed(2)} s of CPU; data_crc off, warm page cache`,
   );
-  row('heap per cached key', `${((heap1 - heap0) / keys).toFixed(1)} bytes`, `target < 100; RSS grew ${((rss1 - rss0) / keys).toFixed(1)} bytes per key`);
-  // The cache stays reachable until measured.
-  if (cache.status().indexKeys !== keys) throw new Error('index changed');
-  await medium.close();
 }
 
 async function main(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'pcache-bench-'));
   process.env.PCACHE_RUN_DIR ??= join(dir, 'run');
   try {
-    await randomIo(dir);
-    await replay(dir);
+    if (ONLY !== 'replay') await randomIo(dir);
+    if (ONLY !== 'io') await replay(dir);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -171,6 +171,8 @@ export interface PcacheSpec {
   below?: Server;
   runDir: string;
   log: string;
+  /** Extra options for node itself, before the script (e.g. --cpu-prof). */
+  nodeArgs?: string[];
 }
 
 /** Stats the benchmark reads from a running pcache (a subset of `pcache stats --json`). */
@@ -211,7 +213,7 @@ export async function pcacheFlush(cacheDev: string): Promise<void> {
 
 export async function startPcache(spec: PcacheSpec): Promise<Server> {
   await fsp.rm(spec.socket, { force: true });
-  const args = ['--import', 'tsx', join(spec.repo, 'src/cli/main.ts'), 'serve', spec.cacheDev, spec.backingDev, '--socket', spec.socket];
+  const args = [...(spec.nodeArgs ?? []), '--import', 'tsx', join(spec.repo, 'src/cli/main.ts'), 'serve', spec.cacheDev, spec.backingDev, '--socket', spec.socket];
   const env = { ...process.env, PCACHE_RUN_DIR: spec.runDir };
   const p = startProc(process.execPath, args, { cwd: spec.repo, env, log: spec.log });
   const stopBelow = async (): Promise<void> => {

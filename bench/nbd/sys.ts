@@ -1,7 +1,7 @@
 /** Small system helpers for the benchmark: child processes, CPU time, page cache, machine facts. */
 import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { promises as fsp, readFileSync } from 'node:fs';
+import { promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 
 export const KiB = 1024;
@@ -73,6 +73,32 @@ export function cpuSeconds(pids: readonly number[]): number {
     ticks += Number(fields[14 - 3]) + Number(fields[15 - 3]);
   }
   return ticks / clockTicks;
+}
+
+/**
+ * User plus system CPU seconds of each thread of a process, summed by thread name
+ * (/proc/<pid>/task/<tid>/stat): the main thread is named after the program.
+ */
+export function threadCpuSeconds(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  let tids: string[];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out;
+  }
+  for (const tid of tids) {
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+    } catch {
+      continue;
+    }
+    const name = tid === String(pid) ? 'main thread' : stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    out.set(name, (out.get(name) ?? 0) + (Number(fields[14 - 3]) + Number(fields[15 - 3])) / clockTicks);
+  }
+  return out;
 }
 
 /** Busy CPU seconds of the whole machine so far (all cores), from /proc/stat. */

@@ -16,67 +16,155 @@ export interface IndexKey {
   readonly fill?: FillToken;
 }
 
-function piece(k: IndexKey, off: number, end: number): IndexKey {
-  const p: IndexKey = { off, len: end - off, flags: k.flags, seg: k.seg, segOff: k.segOff + (off - k.off), gen: k.gen };
-  return k.fill ? { ...p, fill: k.fill } : p;
-}
-
 export function isPlaceholder(k: IndexKey): boolean {
   return (k.flags & KEY_FLAG_EMPTY) !== 0;
+}
+
+/*
+ * A subtree holds its keys packed in one Uint32Array, STRIDE words per key, ordered by offset:
+ * a million cached keys cost tens of megabytes, not a million objects (the target is under 100
+ * bytes per key; one JS object per key alone costs more than that). Offsets are relative to the
+ * subtree, so they fit 32 bits. A generation (below 2^53, as the format's decoder guarantees)
+ * keeps its low 32 bits in GEN_LO and the rest above the flags' byte in FLAGS_GEN_HI. An EMPTY
+ * placeholder has no cache position or generation; its fill token's id takes the generation's place.
+ */
+const STRIDE = 6;
+const OFF = 0;
+const LEN = 1;
+const SEG = 2;
+const SEG_OFF = 3;
+const GEN_LO = 4;
+const FLAGS_GEN_HI = 5;
+const TWO32 = 2 ** 32;
+const MAX_GEN = Number.MAX_SAFE_INTEGER;
+const FIRST_CAPACITY = 8;
+
+class Subtree {
+  words: Uint32Array;
+  n = 0;
+  constructor(capacity: number) {
+    this.words = new Uint32Array(capacity * STRIDE);
+  }
+}
+
+function genOf(w: Uint32Array, i: number): number {
+  return (w[i + FLAGS_GEN_HI]! >>> 8) * TWO32 + w[i + GEN_LO]!;
+}
+
+function keyAt(s: Subtree, i: number, base: number): IndexKey {
+  const w = s.words;
+  const p = i * STRIDE;
+  const flags = w[p + FLAGS_GEN_HI]! & 0xff;
+  const off = base + w[p + OFF]!;
+  const len = w[p + LEN]!;
+  if (flags & KEY_FLAG_EMPTY) return { off, len, flags, seg: 0, segOff: 0, gen: 0, fill: { id: genOf(w, p) } };
+  return { off, len, flags, seg: w[p + SEG]!, segOff: w[p + SEG_OFF]!, gen: genOf(w, p) };
+}
+
+function store(w: Uint32Array, p: number, rel: number, len: number, flags: number, seg: number, segOff: number, gen: number): void {
+  w[p + OFF] = rel;
+  w[p + LEN] = len;
+  w[p + SEG] = seg;
+  w[p + SEG_OFF] = segOff;
+  w[p + GEN_LO] = gen % TWO32;
+  w[p + FLAGS_GEN_HI] = (flags & 0xff) | (Math.floor(gen / TWO32) << 8);
 }
 
 /**
  * The key tree: for each 4 MiB stretch of the backing device, its keys ordered by offset and never
  * overlapping. A newer key replaces whatever it overlaps: older keys are cut at the front, cut at
  * the back, split in two, or deleted. Keys never cross a 4 MiB boundary (the write path splits).
+ *
+ * Keys go in and come out as IndexKey values; the index keeps none of the objects it is given, so
+ * a key is found again by its value (remove), never by identity.
  */
 export class KeyIndex {
-  private readonly trees = new Map<number, IndexKey[]>();
+  private readonly trees = new Map<number, Subtree>();
   private count = 0;
 
   get size(): number {
     return this.count;
   }
 
-  /** First position in `arr` whose key ends after `off`. */
-  private static firstEndingAfter(arr: readonly IndexKey[], off: number): number {
+  /** First key in `s` whose end is after `rel` (an offset relative to the subtree). */
+  private static firstEndingAfter(s: Subtree, rel: number): number {
+    const w = s.words;
     let lo = 0;
-    let hi = arr.length;
+    let hi = s.n;
     while (lo < hi) {
       const mid = (lo + hi) >>> 1;
-      const k = arr[mid]!;
-      if (k.off + k.len <= off) lo = mid + 1;
+      const p = mid * STRIDE;
+      if (w[p + OFF]! + w[p + LEN]! <= rel) lo = mid + 1;
       else hi = mid;
     }
     return lo;
   }
 
+  /** Replace keys [i, j) of `s` by `k` empty slots (contents left to the caller). */
+  private static resize(s: Subtree, i: number, j: number, k: number): void {
+    const n = s.n + k - (j - i);
+    if (n * STRIDE > s.words.length) {
+      const grown = new Uint32Array(Math.max(n, s.n * 2, FIRST_CAPACITY) * STRIDE);
+      grown.set(s.words.subarray(0, i * STRIDE));
+      grown.set(s.words.subarray(j * STRIDE, s.n * STRIDE), (i + k) * STRIDE);
+      s.words = grown;
+    } else if (k !== j - i) {
+      s.words.copyWithin((i + k) * STRIDE, j * STRIDE, s.n * STRIDE);
+    }
+    s.n = n;
+  }
+
   insert(key: IndexKey): void {
     const t = Math.floor(key.off / SUBTREE_SIZE);
-    let arr = this.trees.get(t);
-    if (!arr) {
-      arr = [];
-      this.trees.set(t, arr);
+    const base = t * SUBTREE_SIZE;
+    let s = this.trees.get(t);
+    if (!s) {
+      s = new Subtree(FIRST_CAPACITY);
+      this.trees.set(t, s);
     }
-    const end = key.off + key.len;
-    const i = KeyIndex.firstEndingAfter(arr, key.off);
+    const gen = key.fill ? key.fill.id : key.gen;
+    if (!(key.len > 0 && key.off - base + key.len <= SUBTREE_SIZE)) throw new RangeError(`index: key ${key.off}:${key.len} crosses a subtree`);
+    if (!(gen >= 0 && gen <= MAX_GEN)) throw new RangeError(`index: generation ${gen} out of range`);
+    const rel = key.off - base;
+    const end = rel + key.len;
+    const w0 = s.words;
+    const i = KeyIndex.firstEndingAfter(s, rel);
     let j = i;
-    let front: IndexKey | undefined;
-    let back: IndexKey | undefined;
-    while (j < arr.length && arr[j]!.off < end) {
-      const e = arr[j]!;
-      const eEnd = e.off + e.len;
-      if (e.off < key.off) front = piece(e, e.off, key.off);
-      if (eEnd > end) back = piece(e, end, eEnd);
+    // What survives of the first and last overlapped keys: [front, rel) and [end, backEnd).
+    let front = -1;
+    let back = -1;
+    while (j < s.n && w0[j * STRIDE + OFF]! < end) {
+      const p = j * STRIDE;
+      if (w0[p + OFF]! < rel) front = j;
+      if (w0[p + OFF]! + w0[p + LEN]! > end) back = j;
       j++;
     }
-    const repl: IndexKey[] = [];
-    if (front) repl.push(front);
-    repl.push(key);
-    if (back) repl.push(back);
-    if (j - i === 1 && repl.length === 1) arr[i] = key;
-    else arr.splice(i, j - i, ...repl);
-    this.count += repl.length - (j - i);
+    const frontWords = front >= 0 ? w0.slice(front * STRIDE, front * STRIDE + STRIDE) : null;
+    const backWords = back >= 0 ? w0.slice(back * STRIDE, back * STRIDE + STRIDE) : null;
+    const k = 1 + (frontWords ? 1 : 0) + (backWords ? 1 : 0);
+    KeyIndex.resize(s, i, j, k);
+    const w = s.words;
+    let p = i * STRIDE;
+    if (frontWords) {
+      w.set(frontWords, p);
+      w[p + LEN] = rel - frontWords[OFF]!;
+      p += STRIDE;
+    }
+    store(w, p, rel, key.len, key.flags, key.seg, key.segOff, gen);
+    p += STRIDE;
+    if (backWords) {
+      w.set(backWords, p);
+      const cut = end - backWords[OFF]!;
+      w[p + OFF] = end;
+      w[p + LEN] = backWords[LEN]! - cut;
+      // A placeholder has no cache position to move with the cut.
+      if (!(backWords[FLAGS_GEN_HI]! & KEY_FLAG_EMPTY)) w[p + SEG_OFF] = backWords[SEG_OFF]! + cut;
+    }
+    this.count += k - (j - i);
+  }
+
+  private static cut(s: Subtree, i: number, n: number): void {
+    KeyIndex.resize(s, i, i + n, 0);
   }
 
   /**
@@ -95,14 +183,15 @@ export class KeyIndex {
     let cur = off;
     let t = Math.floor(off / SUBTREE_SIZE);
     while (cur < end) {
-      const tEnd = Math.min(end, (t + 1) * SUBTREE_SIZE);
-      const arr = this.trees.get(t);
-      if (arr) {
-        let i = KeyIndex.firstEndingAfter(arr, cur);
-        while (i < arr.length && arr[i]!.off < tEnd) {
-          const k = arr[i]!;
+      const base = t * SUBTREE_SIZE;
+      const tEnd = Math.min(end, base + SUBTREE_SIZE);
+      const s = this.trees.get(t);
+      if (s) {
+        let i = KeyIndex.firstEndingAfter(s, cur - base);
+        while (i < s.n && base + s.words[i * STRIDE + OFF]! < tEnd) {
+          const k = keyAt(s, i, base);
           if (stale(k)) {
-            arr.splice(i, 1);
+            KeyIndex.cut(s, i, 1);
             this.count--;
             continue;
           }
@@ -113,7 +202,7 @@ export class KeyIndex {
           cur = to;
           i++;
         }
-        if (arr.length === 0) this.trees.delete(t);
+        if (s.n === 0) this.trees.delete(t);
       }
       if (cur < tEnd) gap(cur, tEnd);
       cur = tEnd;
@@ -126,46 +215,54 @@ export class KeyIndex {
     const out: IndexKey[] = [];
     const end = off + len;
     for (let t = Math.floor(off / SUBTREE_SIZE); t * SUBTREE_SIZE < end; t++) {
-      const arr = this.trees.get(t);
-      if (!arr) continue;
-      for (let i = KeyIndex.firstEndingAfter(arr, off); i < arr.length && arr[i]!.off < end; i++) {
-        if (arr[i]!.fill === token) out.push(arr[i]!);
+      const s = this.trees.get(t);
+      if (!s) continue;
+      const base = t * SUBTREE_SIZE;
+      const w = s.words;
+      for (let i = KeyIndex.firstEndingAfter(s, Math.max(0, off - base)); i < s.n && base + w[i * STRIDE + OFF]! < end; i++) {
+        const p = i * STRIDE;
+        if (w[p + FLAGS_GEN_HI]! & KEY_FLAG_EMPTY && genOf(w, p) === token.id) out.push({ ...keyAt(s, i, base), fill: token });
       }
     }
     return out;
   }
 
-  /** Remove exactly this key object, if it is still in the index. */
+  /** Remove the key equal to `key` (same range, flags, position and generation or fill), if it is still there. */
   remove(key: IndexKey): boolean {
-    const arr = this.trees.get(Math.floor(key.off / SUBTREE_SIZE));
-    if (!arr) return false;
-    const i = KeyIndex.firstEndingAfter(arr, key.off);
-    if (arr[i] !== key) return false;
-    arr.splice(i, 1);
+    const t = Math.floor(key.off / SUBTREE_SIZE);
+    const s = this.trees.get(t);
+    if (!s) return false;
+    const base = t * SUBTREE_SIZE;
+    const i = KeyIndex.firstEndingAfter(s, key.off - base);
+    if (i >= s.n) return false;
+    const k = keyAt(s, i, base);
+    const same =
+      k.off === key.off &&
+      k.len === key.len &&
+      k.flags === key.flags &&
+      (key.fill ? k.fill?.id === key.fill.id : k.seg === key.seg && k.segOff === key.segOff && k.gen === key.gen);
+    if (!same) return false;
+    KeyIndex.cut(s, i, 1);
+    if (s.n === 0) this.trees.delete(t);
     this.count--;
-    return true;
-  }
-
-  /** Replace exactly this key object by another covering the same range, if it is still there. */
-  replace(old: IndexKey, next: IndexKey): boolean {
-    const arr = this.trees.get(Math.floor(old.off / SUBTREE_SIZE));
-    if (!arr) return false;
-    const i = KeyIndex.firstEndingAfter(arr, old.off);
-    if (arr[i] !== old) return false;
-    arr[i] = next;
     return true;
   }
 
   /** Drop every key for which `drop` is true (the background clean-up of stale keys). */
   sweep(drop: (k: IndexKey) => boolean): number {
     let dropped = 0;
-    for (const [t, arr] of this.trees) {
-      const kept = arr.filter((k) => !drop(k));
-      if (kept.length !== arr.length) {
-        dropped += arr.length - kept.length;
-        if (kept.length) this.trees.set(t, kept);
-        else this.trees.delete(t);
+    for (const [t, s] of this.trees) {
+      const base = t * SUBTREE_SIZE;
+      const w = s.words;
+      let kept = 0;
+      for (let i = 0; i < s.n; i++) {
+        if (drop(keyAt(s, i, base))) continue;
+        if (kept !== i) w.copyWithin(kept * STRIDE, i * STRIDE, i * STRIDE + STRIDE);
+        kept++;
       }
+      dropped += s.n - kept;
+      s.n = kept;
+      if (kept === 0) this.trees.delete(t);
     }
     this.count -= dropped;
     return dropped;
@@ -174,6 +271,9 @@ export class KeyIndex {
   /** Every key in backing order (tests and tools). */
   *all(): IterableIterator<IndexKey> {
     const ts = [...this.trees.keys()].sort((a, b) => a - b);
-    for (const t of ts) yield* this.trees.get(t)!;
+    for (const t of ts) {
+      const s = this.trees.get(t)!;
+      for (let i = 0; i < s.n; i++) yield keyAt(s, i, t * SUBTREE_SIZE);
+    }
   }
 }

@@ -17,12 +17,12 @@ export interface Key {
 }
 
 export function encodeKeyInto(key: Key, buf: Buffer, at: number): void {
-  buf.writeBigUInt64LE(BigInt(key.off), at);
+  writeU64(buf, key.off, at);
   buf.writeUInt32LE(key.len >>> 0, at + 8);
   buf.writeUInt32LE(key.flags >>> 0, at + 12);
   buf.writeUInt32LE(key.seg >>> 0, at + 16);
   buf.writeUInt32LE(key.segOff >>> 0, at + 20);
-  buf.writeBigUInt64LE(BigInt(key.gen), at + 24);
+  writeU64(buf, key.gen, at + 24);
   buf.writeUInt32LE(key.dataCrc >>> 0, at + 32);
   buf.writeUInt32LE(0, at + 36);
 }
@@ -38,17 +38,31 @@ export function encodeKey(key: Key): Buffer {
  * that validateKey rejects, so no caller ever does arithmetic on an imprecise number.
  */
 export function decodeKeyAt(buf: Buffer, at: number): Key {
-  const off = buf.readBigUInt64LE(at);
-  const gen = buf.readBigUInt64LE(at + 24);
   return {
-    off: off > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(off),
+    off: readU64Clamped(buf, at),
     len: buf.readUInt32LE(at + 8),
     flags: buf.readUInt32LE(at + 12),
     seg: buf.readUInt32LE(at + 16),
     segOff: buf.readUInt32LE(at + 20),
-    gen: gen > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(gen),
+    gen: readU64Clamped(buf, at + 24),
     dataCrc: buf.readUInt32LE(at + 32),
   };
+}
+
+const TWO32 = 2 ** 32;
+/** High words at or above this make a u64 above Number.MAX_SAFE_INTEGER (2^53 - 1). */
+const UNSAFE_HIGH = 2 ** 21;
+
+/** A little-endian u64 as a number, clamped to Number.MAX_SAFE_INTEGER; no BigInt on the replay path. */
+function readU64Clamped(buf: Buffer, at: number): number {
+  const high = buf.readUInt32LE(at + 4);
+  return high >= UNSAFE_HIGH ? Number.MAX_SAFE_INTEGER : high * TWO32 + buf.readUInt32LE(at);
+}
+
+/** A non-negative integer up to 2^53 - 1 as a little-endian u64. */
+function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeUInt32LE(value >>> 0, at);
+  buf.writeUInt32LE(Math.floor(value / TWO32), at + 4);
 }
 
 export function describeKey(key: Key): string {

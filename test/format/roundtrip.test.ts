@@ -141,3 +141,27 @@ test(`key and kset round trips (seed ${seed})`, () => {
   assert.throws(() => encodeKset([]), RangeError);
   assert.throws(() => encodeKset(Array.from({ length: KSET_KEYS_MAX + 1 }, () => randomKey(rng))), RangeError);
 });
+
+test('64-bit key fields: exact up to 2^53 - 1 against BigInt, clamped above so validateKey refuses them', () => {
+  const cases: Array<[bigint, number]> = [
+    [0n, 0],
+    [0xffff_ffffn, 0xffff_ffff],
+    [0x1_0000_0000n, 2 ** 32],
+    [0x1f_ffff_ffff_ffffn, Number.MAX_SAFE_INTEGER],
+    [0x20_0000_0000_0000n, Number.MAX_SAFE_INTEGER],
+    [0xffff_ffff_ffff_ffffn, Number.MAX_SAFE_INTEGER],
+  ];
+  for (const [raw, want] of cases) {
+    const buf = encodeKey({ off: 0, len: 512, flags: 0, seg: 1, segOff: 0, gen: 0, dataCrc: 0 });
+    buf.writeBigUInt64LE(raw, 0);
+    buf.writeBigUInt64LE(raw, 24);
+    const k = decodeKeyAt(buf, 0);
+    assert.equal(k.off, want, `off 0x${raw.toString(16)}`);
+    assert.equal(k.gen, want, `gen 0x${raw.toString(16)}`);
+    if (raw < 0x20_0000_0000_0000n) {
+      const again = encodeKey(k);
+      assert.equal(again.readBigUInt64LE(0), raw, `off 0x${raw.toString(16)} encodes back`);
+      assert.equal(again.readBigUInt64LE(24), raw, `gen 0x${raw.toString(16)} encodes back`);
+    }
+  }
+});
