@@ -7,16 +7,17 @@
  *   node --import tsx bench/nbd/profile.ts [--case randwrite|randread] [--runtime S] [--out DIR]
  *                                          [--interval US] [--no-nbdkit] [--dir DIR]
  */
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { findSourceMap } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, relative, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
+import { controlRequest } from '../../src/cli/control.js';
 import { jobFor, makeCase, primeJob, primeWritesJob, warmJob } from './cases.js';
 import { fioCommand, runFio, type FioFigures, type FioJob } from './fio.js';
 import { startNbdkit, startPcache, type Server } from './servers.js';
-import { children, GiB, initClockTicks, KiB, loadAverage, ownCpuSeconds, sleep, sparseFile, systemBusySeconds, threadCpuSeconds } from './sys.js';
+import { children, cpuSeconds, GiB, initClockTicks, KiB, loadAverage, ownCpuSeconds, sleep, sparseFile, systemBusySeconds, threadCpuSeconds } from './sys.js';
 
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
 const CASES = { randwrite: 'randwrite', randread: 'cachedread' } as const;
@@ -68,14 +69,44 @@ interface Measured {
   toUs: number;
   /** Wall seconds over which the CPU figures below were taken (fio's whole life). */
   wall: number;
-  /** Server CPU seconds over the run, by thread name. */
+  /** Server CPU seconds over the run: in all, and by thread name (threads that ended are missing). */
+  cpu: number;
   threads: Map<string, number>;
   fioCpu: number;
   /** CPU seconds used by everything else on the machine meanwhile (a noisy neighbour). */
   othersCpu: number;
+  /** The main thread's context switches over the run: waits (voluntary) and preemptions. */
+  switches: { voluntary: number; involuntary: number };
+  /** pcache's counters that moved over the run, and its state at the end (pcache only). */
+  counters: string | null;
+}
+
+interface PcacheState {
+  counters: Record<string, number>;
+  segsUsed: number;
+  nSegs: number;
+}
+
+async function pcacheState(cacheDev: string): Promise<PcacheState> {
+  const res = await controlRequest(cacheDev, { cmd: 'stats', args: [] });
+  if (!res.ok) throw new Error(`pcache stats: ${res.error ?? 'refused'}`);
+  return res.data as PcacheState;
+}
+
+function counterLine(a: PcacheState, b: PcacheState): string {
+  const moved = Object.keys(b.counters)
+    .filter((k) => b.counters[k] !== a.counters[k] && k !== 'dirtyBytes' && k !== 'writesWaiting')
+    .map((k) => `${k} ${num(b.counters[k]! - (a.counters[k] ?? 0))}`);
+  return `${moved.join(', ')}; at the end: dirty ${num(b.counters.dirtyBytes! / 2 ** 20)} MiB, ${b.segsUsed}/${b.nSegs} segments used`;
 }
 
 const monoUs = (): number => Number(process.hrtime.bigint() / 1000n);
+
+function mainThreadSwitches(pid: number): { voluntary: number; involuntary: number } {
+  const text = readFileSync(`/proc/${pid}/task/${pid}/status`, 'utf8');
+  const field = (name: string): number => Number(new RegExp(`^${name}:\\s*(\\d+)`, 'm').exec(text)?.[1] ?? 0);
+  return { voluntary: field('voluntary_ctxt_switches'), involuntary: field('nonvoluntary_ctxt_switches') };
+}
 
 /** Prepare the region (reads only: write it, flush, read it once), then run the timed job. */
 async function measure(server: Server, name: CaseName, job: FioJob, tmp: string): Promise<Measured> {
@@ -88,7 +119,10 @@ async function measure(server: Server, name: CaseName, job: FioJob, tmp: string)
     await fio(primeWritesJob()); // nbdkit memory allocates on first write, as in run.ts
   }
   const pid = server.pids()[0]!;
+  const state0 = server.cacheDev ? await pcacheState(server.cacheDev) : null;
   const cpu0 = threadCpuSeconds(pid);
+  const total0 = cpuSeconds([pid]);
+  const sw0 = mainThreadSwitches(pid);
   const own0 = ownCpuSeconds();
   const busy0 = systemBusySeconds();
   const startUs = monoUs();
@@ -97,12 +131,25 @@ async function measure(server: Server, name: CaseName, job: FioJob, tmp: string)
   // fio's own run time, ending as it exits: leaves out its start-up (connecting, laying out the job).
   const fromUs = Math.max(startUs, toUs - figures.seconds * 1e6);
   const busy = systemBusySeconds() - busy0;
+  const sw1 = mainThreadSwitches(pid);
   const own1 = ownCpuSeconds();
   const threads = new Map<string, number>();
   for (const [k, v] of threadCpuSeconds(pid)) threads.set(k, v - (cpu0.get(k) ?? 0));
-  const serverCpu = [...threads.values()].reduce((a, b) => a + b, 0);
+  const serverCpu = cpuSeconds([pid]) - total0;
   const fioCpu = own1.children - own0.children;
-  return { fio: figures, fromUs, toUs, wall: (toUs - startUs) / 1e6, threads, fioCpu, othersCpu: Math.max(0, busy - serverCpu - fioCpu - (own1.self - own0.self)) };
+  const counters = state0 && server.cacheDev ? counterLine(state0, await pcacheState(server.cacheDev)) : null;
+  return {
+    fio: figures,
+    fromUs,
+    toUs,
+    wall: (toUs - startUs) / 1e6,
+    cpu: serverCpu,
+    threads,
+    fioCpu,
+    othersCpu: Math.max(0, busy - serverCpu - fioCpu - (own1.self - own0.self)),
+    switches: { voluntary: sw1.voluntary - sw0.voluntary, involuntary: sw1.involuntary - sw0.involuntary },
+    counters,
+  };
 }
 
 // ---- the profile ----
@@ -134,14 +181,16 @@ interface Fn {
 
 /**
  * tsx compiles each file to one minified line, so a frame's line means nothing until mapped back:
- * load the same src/ modules here (through the same tsx) and ask their source maps.
+ * load the same src/ modules here (through the same tsx) and ask their source maps. A file edited
+ * since `since` (ms) may map wrongly; those are listed in `changed`.
  */
-async function locator(urls: Iterable<string>): Promise<(f: CallFrame) => string> {
-  const src = pathUrl(join(REPO, 'src/'));
+async function locator(urls: Iterable<string>, since: number, changed: string[]): Promise<(f: CallFrame) => string> {
+  const src = pathToFileURL(join(REPO, 'src/')).href;
   const maps = new Map<string, ReturnType<typeof findSourceMap>>();
   for (const url of urls) {
     if (!url.startsWith(src) || url.endsWith('/cli/main.ts')) continue; // main.ts runs the CLI on import
     try {
+      if (statSync(fileURLToPath(url)).mtimeMs > since) changed.push(relative(REPO, fileURLToPath(url)));
       await import(url);
       maps.set(url, findSourceMap(url));
     } catch {
@@ -156,10 +205,6 @@ async function locator(urls: Iterable<string>): Promise<(f: CallFrame) => string
   };
 }
 
-function pathUrl(p: string): string {
-  return new URL(`file://${p}`).href;
-}
-
 interface ProfileSummary {
   samples: number;
   seconds: number;
@@ -168,23 +213,36 @@ interface ProfileSummary {
   files: Map<string, number>;
   /** For each function, its self samples by calling function (to tell native calls apart). */
   callers: Map<Fn, Map<Fn, number>>;
+  /** The idle share of each tenth of the run, percent: shows when the main thread starts waiting. */
+  idleBySlice: number[];
+  /** src/ files edited after the server started (their lines may be off). */
+  changed: string[];
 }
 
-async function summarize(path: string, fromUs: number, toUs: number): Promise<ProfileSummary> {
+const SLICES = 10;
+
+async function summarize(path: string, fromUs: number, toUs: number, startedMs: number): Promise<ProfileSummary> {
   const prof = JSON.parse(readFileSync(path, 'utf8')) as CpuProfile;
   const parent = new Map<number, number>();
   for (const n of prof.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
   // Samples per node, within the fio run only.
   const hits = new Map<number, number>();
+  const idleId = prof.nodes.find((n) => n.callFrame.functionName === '(idle)')?.id;
+  const slice = Array.from({ length: SLICES }, () => ({ idle: 0, all: 0 }));
   let t = prof.startTime;
   let samples = 0;
   for (let i = 0; i < prof.samples.length; i++) {
     t += prof.timeDeltas[i]!;
     if (t < fromUs || t > toUs) continue;
-    hits.set(prof.samples[i]!, (hits.get(prof.samples[i]!) ?? 0) + 1);
+    const id = prof.samples[i]!;
+    hits.set(id, (hits.get(id) ?? 0) + 1);
     samples++;
+    const sl = slice[Math.min(SLICES - 1, Math.floor(((t - fromUs) / (toUs - fromUs)) * SLICES))]!;
+    sl.all++;
+    if (id === idleId) sl.idle++;
   }
-  const where = await locator(new Set(prof.nodes.map((n) => n.callFrame.url)));
+  const changed: string[] = [];
+  const where = await locator(new Set(prof.nodes.map((n) => n.callFrame.url)), startedMs, changed);
   const keyOf = new Map<number, string>();
   const fns = new Map<string, Fn>();
   for (const n of prof.nodes) {
@@ -220,7 +278,16 @@ async function summarize(path: string, fromUs: number, toUs: number): Promise<Pr
   }
   const special = new Map<string, number>();
   for (const s of ['(idle)', '(program)', '(garbage collector)']) special.set(s, fns.get(`${s}\0`)?.self ?? 0);
-  return { samples, seconds: (toUs - fromUs) / 1e6, special, fns: [...fns.values()].filter((f) => f.self > 0 || f.total > 0), files, callers };
+  return {
+    samples,
+    seconds: (toUs - fromUs) / 1e6,
+    special,
+    fns: [...fns.values()].filter((f) => f.self > 0 || f.total > 0),
+    files,
+    callers,
+    idleBySlice: slice.map((x) => (x.all ? Math.round((x.idle / x.all) * 100) : 0)),
+    changed,
+  };
 }
 
 // ---- the report ----
@@ -228,8 +295,13 @@ async function summarize(path: string, fromUs: number, toUs: number): Promise<Pr
 const pct = (n: number, of: number): string => (of > 0 ? ((n / of) * 100).toFixed(1).padStart(5) : '    -');
 const num = (n: number, digits = 0): string => n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
 
-function fioLine(label: string, f: FioFigures): string {
-  return `${label.padEnd(14)} ${num(f.iops).padStart(8)} IOPS  ${num(f.mibps, 1).padStart(6)} MiB/s  mean ${num(f.meanLatNs / 1000)} µs  p99 ${num(f.p99LatNs / 1000)} µs`;
+function fioLine(label: string, m: Measured): string {
+  const f = m.fio;
+  const cpu = m.cpu - (m.threads.get('v8:ProfEvntProc') ?? 0);
+  return (
+    `${label.padEnd(14)} ${num(f.iops).padStart(8)} IOPS  ${num(f.mibps, 1).padStart(6)} MiB/s  mean ${num(f.meanLatNs / 1000)} µs  ` +
+    `p99 ${num(f.p99LatNs / 1000)} µs  server CPU ${num((cpu / f.ios) * 1e6, 1)} µs/request (profiler thread excluded)`
+  );
 }
 
 function render(opts: Options, job: FioJob, cmd: string, pc: Measured, nbdkit: Measured | string | null, prof: ProfileSummary, profPath: string): string {
@@ -237,22 +309,27 @@ function render(opts: Options, job: FioJob, cmd: string, pc: Measured, nbdkit: M
   const secs = pc.wall;
   L.push(`pcache CPU profile: ${opts.case}, ${job.bs / KiB} KiB, qd${job.iodepth}, ${opts.runtime} s (fio: ${cmd})`);
   L.push('');
-  L.push(fioLine('pcache', pc.fio));
+  L.push(fioLine('pcache', pc));
   if (typeof nbdkit === 'string') L.push(`nbdkit memory  failed: ${nbdkit}`);
-  else if (nbdkit) L.push(fioLine('nbdkit memory', nbdkit.fio));
+  else if (nbdkit) L.push(fioLine('nbdkit memory', nbdkit));
   // Node's other threads (libuv pool, V8 platform workers) keep the program's name; the profiler's own is v8:ProfEvntProc.
   const cpu = [...pc.threads].filter(([, v]) => v > 0.005).sort((a, b) => b[1] - a[1]);
-  const all = cpu.reduce((a, [, v]) => a + v, 0);
+  const all = pc.cpu;
   const threadName = (k: string): string => (k === 'node' ? 'libuv pool + V8 workers' : k === 'v8:ProfEvntProc' ? 'profiler' : k);
   L.push(`server CPU: ${num(all / secs, 2)} cores (${cpu.map(([k, v]) => `${threadName(k)} ${num(v / secs, 2)}`).join(', ')})`);
   L.push(`            fio ${num(pc.fioCpu / secs, 2)} cores; everything else on the machine ${num(pc.othersCpu / secs, 2)} cores (load ${loadAverage()})`);
-  L.push(`            ${num((all / pc.fio.ios) * 1e6, 1)} µs of server CPU per request`);
+  L.push(`            ${num((all / pc.fio.ios) * 1e6, 1)} µs of server CPU per request (main thread ${num(((pc.threads.get('main thread') ?? 0) / pc.fio.ios) * 1e6, 1)} µs)`);
+  const perReq = (x: number): string => num(x / pc.fio.ios, 2);
+  L.push(`            main thread context switches per request: ${perReq(pc.switches.voluntary)} waits, ${perReq(pc.switches.involuntary)} preemptions`);
+  if (pc.counters) L.push(`pcache counters over the run: ${pc.counters}`);
   L.push('');
   const n = prof.samples;
   const sp = (k: string): number => prof.special.get(k) ?? 0;
   const rest = n - sp('(idle)') - sp('(program)') - sp('(garbage collector)');
   L.push(`profile: ${relative(process.cwd(), profPath)}, ${num(n)} samples over the fio run (${num(prof.seconds, 1)} s, every ${opts.intervalUs} µs)`);
   L.push(`  idle ${pct(sp('(idle)'), n)}%   GC ${pct(sp('(garbage collector)'), n)}%   program ${pct(sp('(program)'), n)}%   JS + native calls ${pct(rest, n)}%`);
+  L.push(`  idle % by tenth of the run: ${prof.idleBySlice.join(' ')}`);
+  if (prof.changed.length) L.push(`  NOTE: edited since the server started, so their lines may be off: ${prof.changed.join(', ')}`);
   L.push('');
   L.push('top 30 functions by self time (% of samples; total = inclusive):');
   L.push(`  ${'self%'.padStart(5)} ${'total%'.padStart(6)}  function`.padEnd(52) + 'location');
@@ -291,7 +368,10 @@ async function main(): Promise<void> {
     for (const c of children) c.kill('SIGKILL');
     rmSync(tmp, { recursive: true, force: true });
   };
-  process.once('SIGINT', () => (cleanup(), process.exit(130)));
+  process.once('SIGINT', () => {
+    cleanup();
+    process.exit(130);
+  });
   try {
     const c = makeCase(CASES[opts.case], 4 * KiB, 32, 1);
     const job = jobFor(c, opts.runtime, 0);
@@ -305,6 +385,7 @@ async function main(): Promise<void> {
     const profName = `pcache-${opts.case}.cpuprofile`;
     const profPath = join(opts.out, profName);
     rmSync(profPath, { force: true });
+    const startedMs = Date.now();
 
     const pcache = await startPcache({
       id: 'pcache',
@@ -342,7 +423,7 @@ async function main(): Promise<void> {
       }
     }
 
-    const prof = await summarize(profPath, pc.fromUs, pc.toUs);
+    const prof = await summarize(profPath, pc.fromUs, pc.toUs, startedMs);
     const text = render(opts, job, fioCommand(job, 'nbd+unix:///?socket=SOCK', 'OUT.json'), pc, nbdkit, prof, profPath);
     writeFileSync(join(opts.out, 'summary.txt'), text);
     process.stdout.write(text);
