@@ -5,7 +5,7 @@
  * for its IOPS.
  *
  *   node --import tsx bench/nbd/profile.ts [--case randwrite|randread] [--runtime S] [--out DIR]
- *                                          [--interval US] [--no-nbdkit] [--dir DIR]
+ *                                          [--interval US] [--no-nbdkit] [--dir DIR] [--cache-gib N]
  */
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { findSourceMap } from 'node:module';
@@ -30,6 +30,7 @@ interface Options {
   intervalUs: number;
   nbdkit: boolean;
   dir: string;
+  cacheGiB: number;
 }
 
 function parseOptions(): Options {
@@ -41,6 +42,7 @@ function parseOptions(): Options {
       interval: { type: 'string', default: '1000' },
       'no-nbdkit': { type: 'boolean', default: false },
       dir: { type: 'string', default: tmpdir() },
+      'cache-gib': { type: 'string', default: '1' },
     },
     strict: true,
   });
@@ -49,6 +51,8 @@ function parseOptions(): Options {
   const runtime = Number(values.runtime);
   const intervalUs = Number(values.interval);
   if (!Number.isInteger(runtime) || runtime < 1) throw new Error(`--runtime takes whole seconds, not '${values.runtime}'`);
+  const cacheGiB = Number(values['cache-gib']);
+  if (!Number.isInteger(cacheGiB) || cacheGiB < 1) throw new Error(`--cache-gib takes whole GiB, not '${values['cache-gib']}'`);
   if (!Number.isInteger(intervalUs) || intervalUs < 50) throw new Error(`--interval takes microseconds (>= 50), not '${values.interval}'`);
   return {
     case: name as CaseName,
@@ -57,6 +61,7 @@ function parseOptions(): Options {
     intervalUs,
     nbdkit: !values['no-nbdkit'],
     dir: resolve(values.dir),
+    cacheGiB,
   };
 }
 
@@ -377,7 +382,7 @@ async function main(): Promise<void> {
     const job = jobFor(c, opts.runtime, 0);
     const cacheDev = join(tmp, 'cache.img');
     const backing = join(tmp, 'backing.img');
-    await sparseFile(cacheDev, 1 * GiB);
+    await sparseFile(cacheDev, opts.cacheGiB * GiB);
     await sparseFile(backing, 4 * GiB);
     const runDir = join(tmp, 'run');
     mkdirSync(runDir);

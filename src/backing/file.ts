@@ -1,6 +1,6 @@
 /** The backing device on a regular file or a block device. */
 import type { FileHandle } from 'node:fs/promises';
-import { checkRange, createIfMissing, openDevice, readFully, writeFully } from '../media/blockdev.js';
+import { checkRange, createIfMissing, openDevice, readFully, writeAt } from '../media/blockdev.js';
 import type { BackingDevice } from './backing.js';
 
 export interface FileBackingOptions {
@@ -35,13 +35,17 @@ export class FileBacking implements BackingDevice {
   async read(buf: Buffer, offset: number): Promise<void> {
     this.usable();
     checkRange(this.label, 'read', offset, buf.length, this.bytes);
+    // Reads stay asynchronous, unlike writes: they are the cache misses, and on a slow disk a
+    // synchronous one would stall the event loop (every hit, every other miss) for a seek.
     await readFully(this.fh, buf, offset, this.label);
   }
 
   async write(data: Buffer, offset: number): Promise<void> {
     this.usable();
     checkRange(this.label, 'write', offset, data.length, this.bytes);
-    await writeFully(this.fh, [data], offset, this.label);
+    // Small writes synchronously (see SYNC_IO_MAX): they land in the page cache, and write-back of
+    // 4 KiB keys would otherwise spend most of its copy on the thread-pool hop.
+    await writeAt(this.fh, [data], offset, this.label);
   }
 
   async flush(): Promise<void> {

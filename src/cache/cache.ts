@@ -16,6 +16,7 @@ import type { Medium } from '../media/medium.js';
 import type { BlockDevice } from './block-device.js';
 import { newCounters, type CacheCore, type Counters } from './core.js';
 import { DataHead } from './data-head.js';
+import { DataWriter } from './data-writer.js';
 import { CacheError } from './errors.js';
 import { formatCache } from './format.js';
 import { Gc } from './gc.js';
@@ -62,7 +63,9 @@ function checkOptions(meta: CacheMeta, opts: CacheOptions): void {
 export class Cache implements BlockDevice {
   private readonly core: CacheCore;
   private readonly zeroer: Zeroer;
-  private readonly inFlight = new Set<Promise<unknown>>();
+  /** Requests and background fills not yet settled, and who waits for there to be none. */
+  private inFlight = 0;
+  private idleWaiters: Array<() => void> = [];
   private closed = false;
   private sweepPending = false;
   private cacheFlags: number;
@@ -123,6 +126,7 @@ export class Cache implements BlockDevice {
       index: r.index,
       log,
       head: new DataHead(r.segments),
+      data: new DataWriter(medium),
       stats,
       needSpace: () => cache?.needSpace(),
       track: (p) => cache?.track(p),
@@ -150,9 +154,22 @@ export class Cache implements BlockDevice {
     this.gc.kick();
   }
 
+  /** One counter and one reaction per request: this is on every request's path. */
   private track(p: Promise<unknown>): void {
-    this.inFlight.add(p);
-    p.finally(() => this.inFlight.delete(p)).catch(() => undefined);
+    this.inFlight++;
+    const settled = (): void => {
+      if (--this.inFlight > 0) return;
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    };
+    p.then(settled, settled);
+  }
+
+  /** Resolves once nothing tracked is in flight (work tracked meanwhile included). */
+  private idle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   /** Drop stale keys from the index in the background, once per burst of invalidations. */
@@ -189,13 +206,9 @@ export class Cache implements BlockDevice {
     this.checkRange(offset, data.length);
     this.core.stats.writes++;
     this.core.stats.writeBytes += data.length;
-    if (opts.fua) this.core.stats.fuaWrites++;
-    return this.run(
-      (async () => {
-        await writeData(this.core, offset, data);
-        if (opts.fua) await this.persistLog();
-      })(),
-    );
+    if (!opts.fua) return this.run(writeData(this.core, offset, data));
+    this.core.stats.fuaWrites++;
+    return this.run(writeData(this.core, offset, data).then(() => this.persistLog()));
   }
 
   writeZeroes(offset: number, length: number, opts: { fua?: boolean } = {}): Promise<void> {
@@ -219,7 +232,8 @@ export class Cache implements BlockDevice {
 
   private async persistLog(): Promise<void> {
     await this.core.log.close();
-    await this.core.medium.sync();
+    // Through the log, which notes the ksets this sync made durable: write-back need not sync again for them.
+    await this.core.log.sync();
   }
 
   setGcPercent(n: number): Promise<void> {
@@ -295,7 +309,7 @@ export class Cache implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    while (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
+    await this.idle();
     try {
       await this.persistLog();
     } finally {

@@ -1,6 +1,7 @@
 import type { BackingDevice } from '../backing/backing.js';
 import type { Medium } from '../media/medium.js';
 import type { DataHead } from './data-head.js';
+import type { DataWriter } from './data-writer.js';
 import type { KeyIndex } from './key-index.js';
 import type { KsetLog } from './kset-log.js';
 import type { Segments } from './segments.js';
@@ -77,6 +78,8 @@ export interface CacheCore {
   readonly index: KeyIndex;
   readonly log: KsetLog;
   readonly head: DataHead;
+  /** Data writes to the cache device, gathered into vectored writes. */
+  readonly data: DataWriter;
   readonly stats: Counters;
   /** Ask GC and write-back to make room now (a write is waiting for a segment). */
   needSpace(): void;

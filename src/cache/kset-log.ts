@@ -5,6 +5,7 @@ import {
   KSET_HEADER_SIZE,
   KSET_KEYS_MAX,
   ksetSize,
+  samePosition,
   SEG_DATA_SIZE,
   type Key,
   type Position,
@@ -32,6 +33,12 @@ export interface KsetLogHooks {
  * - the data every key points to is synced before the kset holding it is written (spec 7);
  * - so is the end marker after the kset: replay never reads past a kset a power cut kept;
  * - there is always room after a kset for a LAST kset (the segment switch needs 24 bytes).
+ *
+ * It also knows which ksets are durable, so that write-back syncs the cache device only when the
+ * kset it is about to act on may not be (see isDurable). Every kset (LAST ksets too) gets a write
+ * sequence number once its write has completed; a sync that starts after that covers it. Whoever
+ * syncs the cache device says so: `const upTo = log.writtenSeq; await medium.sync();
+ * log.syncedThrough(upTo)`, or simply `await log.sync()`.
  */
 export class KsetLog {
   private open: Key[] = [];
@@ -39,6 +46,18 @@ export class KsetLog {
   private chain: Promise<void> = Promise.resolve();
   /** Ksets written since the process started (status). */
   ksetsWritten = 0;
+  /**
+   * Write sequence number of the last kset (or LAST kset) whose write has completed. 0 stands for
+   * the ksets replay found: written by an earlier process, durable only once this one has synced.
+   */
+  private seqWritten = 0;
+  /** Every kset numbered up to this is durable. -1: no sync has completed since open. */
+  private seqSynced = -1;
+  /**
+   * The ksets numbered above seqSynced, oldest first. Short: every kset write syncs first, which
+   * covers all before it, so this holds the last kset or two (a kset and the LAST kset after it).
+   */
+  private unsynced: Array<{ seg: number; off: number; seq: number }> = [];
 
   constructor(
     private readonly medium: Medium,
@@ -55,6 +74,42 @@ export class KsetLog {
 
   get openKeys(): number {
     return this.open.length;
+  }
+
+  /** Take this before starting a sync of the cache device; give it to syncedThrough() once it completed. */
+  get writtenSeq(): number {
+    return this.seqWritten;
+  }
+
+  /** A sync that started when writtenSeq was `seq` has completed: every kset numbered up to it is durable. */
+  syncedThrough(seq: number): void {
+    // Syncs may complete out of order; a later one never undoes what an earlier one covered.
+    if (seq <= this.seqSynced) return;
+    this.seqSynced = seq;
+    while (this.unsynced.length > 0 && this.unsynced[0]!.seq <= seq) this.unsynced.shift();
+  }
+
+  /** Sync the cache device (fdatasync) and note the ksets it made durable. */
+  async sync(): Promise<void> {
+    const upTo = this.seqWritten;
+    await this.medium.sync();
+    this.syncedThrough(upTo);
+  }
+
+  /**
+   * Whether the kset at `pos` (one before key_head) is known to be durable: written by this
+   * process before a sync that has completed since, or found by replay with a sync completed
+   * since open. Only a kset's own write is in question: the sync before it covered everything
+   * earlier in the log, the data its keys point to included.
+   */
+  isDurable(pos: Position): boolean {
+    if (this.seqSynced < 0) return false;
+    return !this.unsynced.some((k) => samePosition(k, pos));
+  }
+
+  private noteWritten(pos: Position): void {
+    this.seqWritten++;
+    this.unsynced.push({ seg: pos.seg, off: pos.off, seq: this.seqWritten });
   }
 
   append(key: Key): void {
@@ -110,8 +165,10 @@ export class KsetLog {
     // keys point to. Written only with the kset, a power cut could keep the kset and lose the
     // marker (another sector), and replay would read on into what an earlier lap left there.
     await this.medium.write(LOG_END, at + size);
-    await this.medium.sync();
+    await this.sync();
     await this.medium.write(encodeKset(keys, KSET_HEADER_SIZE), at);
+    // Not durable yet: a later sync (the next kset's, a FLUSH's, write-back's) makes it so.
+    this.noteWritten(this.head);
     this.head = { seg: this.head.seg, off: this.head.off + size };
     this.ksetsWritten++;
     this.hooks.written();
@@ -129,12 +186,14 @@ export class KsetLog {
     try {
       await this.medium.write(LOG_END, dataOffset(this.physOf[seg]!, 0));
       // The new segment's old content must be gone before anything can lead replay into it.
-      await this.medium.sync();
+      await this.sync();
       await this.medium.write(encodeLastKset(seg), dataOffset(this.physOf[this.head.seg]!, this.head.off));
     } catch (err) {
       this.segments.freeLogSegment(seg);
       throw err;
     }
+    // No sync after the LAST kset either: write-back syncs before following it unless one did.
+    this.noteWritten(this.head);
     this.head = { seg, off: 0 };
     this.hooks.written();
   }

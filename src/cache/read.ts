@@ -11,14 +11,53 @@ export function isStale(core: CacheCore, k: IndexKey): boolean {
   return !isPlaceholder(k) && k.gen < core.segments.gens[k.seg]!;
 }
 
+/** Reads up to this size are carved from a shared slab, as Node's own pool does below 4 KiB. */
+const SLAB_SIZE = 256 * 1024;
+const SLAB_MAX = 64 * 1024;
+let slab = Buffer.allocUnsafe(0);
+let slabUsed = 0;
+
+/**
+ * A buffer for a read's result. 4 KiB is just too big for Buffer's pool, and giving each such read
+ * its own ArrayBuffer costs more than the read itself; the slab lives until its last view dies.
+ */
+function readBuffer(len: number): Buffer {
+  if (len > SLAB_MAX) return Buffer.allocUnsafe(len);
+  if (slabUsed + len > slab.length) {
+    slab = Buffer.allocUnsafeSlow(SLAB_SIZE);
+    slabUsed = 0;
+  }
+  const out = slab.subarray(slabUsed, slabUsed + len);
+  // Keep views 8-byte aligned, as the pool does.
+  slabUsed = (slabUsed + len + 7) & ~7;
+  return out;
+}
+
+interface Hit {
+  dst: Buffer;
+  seg: number;
+  at: number;
+}
+
+async function readHit(core: CacheCore, h: Hit): Promise<void> {
+  core.segments.pin(h.seg);
+  try {
+    await core.medium.read(h.dst, h.at);
+  } catch (err) {
+    throw ioError(err, 'cache device read failed');
+  } finally {
+    core.segments.unpin(h.seg);
+  }
+}
+
 /**
  * The read path: hits are copied from the cache (their segments pinned so GC cannot reuse them
  * meanwhile); gaps are read from the backing device behind an EMPTY placeholder, and filled into
  * the cache afterwards, in the background, for whatever part of the placeholder no write replaced.
  */
 export async function readData(core: CacheCore, off: number, len: number): Promise<Buffer> {
-  const out = Buffer.allocUnsafe(len);
-  const io: Promise<void>[] = [];
+  const out = readBuffer(len);
+  const hits: Hit[] = [];
   const gaps: Array<{ from: number; to: number; fill: boolean }> = [];
   let staleDropped = 0;
   core.index.walk(
@@ -36,22 +75,22 @@ export async function readData(core: CacheCore, off: number, len: number): Promi
         return;
       }
       core.stats.readHitBytes += to - from;
-      const seg = k.seg;
-      core.segments.pin(seg);
-      io.push(
-        core.medium
-          .read(out.subarray(from - off, to - off), dataOffset(core.physOf[seg]!, k.segOff + (from - k.off)))
-          .catch((err) => {
-            throw ioError(err, 'cache device read failed');
-          })
-          .finally(() => core.segments.unpin(seg)),
-      );
+      hits.push({ dst: out.subarray(from - off, to - off), seg: k.seg, at: dataOffset(core.physOf[k.seg]!, k.segOff + (from - k.off)) });
     },
     (from, to) => gaps.push({ from, to, fill: true }),
   );
   core.stats.staleKeysDropped += staleDropped;
-  if (gaps.length === 0) core.stats.readHits++;
-  else core.stats.readMisses++;
+  if (gaps.length === 0) {
+    core.stats.readHits++;
+    // The common case, one key covering the whole read: no promise bookkeeping beyond the read.
+    if (hits.length === 1) {
+      await readHit(core, hits[0]!);
+      return out;
+    }
+  } else {
+    core.stats.readMisses++;
+  }
+  const io: Promise<void>[] = hits.map((h) => readHit(core, h));
   for (const g of gaps) {
     core.stats.readMissBytes += g.to - g.from;
     const dst = out.subarray(g.from - off, g.to - off);
@@ -98,7 +137,7 @@ async function fill(core: CacheCore, token: FillToken, from: number, data: Buffe
         if (!ext) return;
         const chunk = data.subarray(pos - from, pos - from + ext.len);
         try {
-          await core.medium.write(chunk, dataOffset(core.physOf[ext.seg]!, ext.segOff));
+          await core.data.write(chunk, dataOffset(core.physOf[ext.seg]!, ext.segOff));
         } catch {
           core.segments.put(ext.seg);
           return;

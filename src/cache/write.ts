@@ -40,10 +40,12 @@ export async function writeData(core: CacheCore, off: number, data: Buffer): Pro
   while (done < data.length) {
     const pos = off + done;
     const want = Math.min(data.length - done, SUBTREE_SIZE - (pos % SUBTREE_SIZE));
-    const ext = await allocWait(core, want);
+    // Space is usually there: taking it without an await keeps requests that arrive together
+    // next to each other at the data head, in arrival order (one vectored write, see DataWriter).
+    const ext = core.head.tryAlloc(want, LOG_RESERVE) ?? (await allocWait(core, want));
     const chunk = data.subarray(done, done + ext.len);
     try {
-      await core.medium.write(chunk, dataOffset(core.physOf[ext.seg]!, ext.segOff));
+      await core.data.write(chunk, dataOffset(core.physOf[ext.seg]!, ext.segOff));
     } catch (err) {
       core.segments.put(ext.seg);
       throw ioError(err, 'cache device write failed');
@@ -93,7 +95,7 @@ export class Zeroer {
     }
     const ext = await allocWait(this.core, SUBTREE_SIZE);
     try {
-      await this.core.medium.write(this.zeros.subarray(0, ext.len), dataOffset(this.core.physOf[ext.seg]!, ext.segOff));
+      await this.core.data.write(this.zeros.subarray(0, ext.len), dataOffset(this.core.physOf[ext.seg]!, ext.segOff));
     } catch (err) {
       segments.put(ext.seg);
       throw ioError(err, 'cache device write failed');

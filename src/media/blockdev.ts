@@ -2,7 +2,7 @@
  * Opening a file or block device for positional I/O, and the I/O loops around it. Shared by the
  * cache medium and the backing device, which sit at the same level and open devices alike.
  */
-import { constants, promises as fsp } from 'node:fs';
+import { constants, promises as fsp, readSync, writeSync, writevSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 
@@ -157,4 +157,39 @@ export function totalLength(data: readonly Buffer[]): number {
   let n = 0;
   for (const b of data) n += b.length;
   return n;
+}
+
+/**
+ * Requests up to this size are done synchronously (readAt, writeAt): a small pread/pwrite that hits
+ * the page cache takes a few microseconds, less than the hop through libuv's thread pool and back,
+ * which would otherwise dominate a 4 KiB request. Larger ones go through the pool so the event loop
+ * never stalls behind a big copy. PCACHE_SYNC_IO_MAX=0 turns this off.
+ */
+export const SYNC_IO_MAX = Number(process.env.PCACHE_SYNC_IO_MAX ?? 64 * 1024);
+
+/** readFully, done synchronously when `buf` is at most SYNC_IO_MAX bytes. */
+export async function readAt(fh: FileHandle, buf: Buffer, offset: number, label: string): Promise<void> {
+  if (buf.length > SYNC_IO_MAX) return readFully(fh, buf, offset, label);
+  let done = 0;
+  while (done < buf.length) {
+    const n = readSync(fh.fd, buf, done, buf.length - done, offset + done);
+    if (n === 0) throw Object.assign(new Error(`${label}: unexpected end of data at offset ${offset + done}`), { code: 'EIO' });
+    done += n;
+  }
+}
+
+/**
+ * A vectored write of small buffers (requests gathered at the data head) stays synchronous up to
+ * this size: it replaces that many small synchronous writes with one system call.
+ */
+const SYNC_GATHER_MAX = 16 * SYNC_IO_MAX;
+
+/** writeFully, done synchronously when the data is at most SYNC_IO_MAX bytes, or small buffers gathered. */
+export async function writeAt(fh: FileHandle, data: readonly Buffer[], offset: number, label: string): Promise<void> {
+  const total = totalLength(data);
+  const sync = total <= SYNC_IO_MAX || (data.length > 1 && total <= SYNC_GATHER_MAX && data.every((b) => b.length <= SYNC_IO_MAX));
+  if (!sync) return writeFully(fh, data, offset, label);
+  const n = data.length === 1 ? writeSync(fh.fd, data[0]!, 0, total, offset) : writevSync(fh.fd, data as Buffer[], offset);
+  // A short write is finished the general way.
+  if (n < total) await writeFully(fh, [Buffer.concat(data as Buffer[]).subarray(n)], offset + n, label);
 }

@@ -1,7 +1,6 @@
 /** The cache device on a regular file or a block device. */
-import { readSync, writeSync, writevSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { asBuffers, checkRange, createIfMissing, openDevice, readFully, totalLength, writeFully } from './blockdev.js';
+import { asBuffers, checkRange, createIfMissing, openDevice, readAt, totalLength, writeAt } from './blockdev.js';
 import { acquireDeviceLock, type DeviceLock } from './lock.js';
 import type { Medium } from './medium.js';
 
@@ -13,14 +12,6 @@ export interface FileMediumOptions {
   /** Claim the device against other pcache instances (default true). */
   lock?: boolean;
 }
-
-/**
- * Requests up to this size are done synchronously: a small pread/pwrite that hits the page cache
- * takes a few microseconds, less than the hop through libuv's thread pool and back, which would
- * otherwise dominate a 4 KiB request. Larger ones go through the pool so the event loop never
- * stalls behind a big copy. PCACHE_SYNC_IO_MAX=0 turns this off.
- */
-const SYNC_IO_MAX = Number(process.env.PCACHE_SYNC_IO_MAX ?? 64 * 1024);
 
 export class FileMedium implements Medium {
   private closed = false;
@@ -58,16 +49,8 @@ export class FileMedium implements Medium {
   async read(buf: Buffer, offset: number): Promise<void> {
     this.usable();
     checkRange(this.label, 'read', offset, buf.length, this.bytes);
-    if (buf.length <= SYNC_IO_MAX) {
-      let done = 0;
-      while (done < buf.length) {
-        const n = readSync(this.fh.fd, buf, done, buf.length - done, offset + done);
-        if (n === 0) throw Object.assign(new Error(`${this.label}: unexpected end of data at offset ${offset + done}`), { code: 'EIO' });
-        done += n;
-      }
-      return;
-    }
-    await readFully(this.fh, buf, offset, this.label);
+    // Small reads synchronously: see SYNC_IO_MAX in blockdev.ts.
+    await readAt(this.fh, buf, offset, this.label);
   }
 
   async write(data: Buffer | readonly Buffer[], offset: number): Promise<void> {
@@ -76,13 +59,7 @@ export class FileMedium implements Medium {
     const bufs = asBuffers(data);
     const total = totalLength(bufs);
     checkRange(this.label, 'write', offset, total, this.bytes);
-    if (total <= SYNC_IO_MAX) {
-      const n = bufs.length === 1 ? writeSync(this.fh.fd, bufs[0]!, 0, total, offset) : writevSync(this.fh.fd, bufs as Buffer[], offset);
-      // A short write is finished the general way.
-      if (n < total) await writeFully(this.fh, [Buffer.concat(bufs as Buffer[]).subarray(n)], offset + n, this.label);
-      return;
-    }
-    await writeFully(this.fh, bufs, offset, this.label);
+    await writeAt(this.fh, bufs, offset, this.label);
   }
 
   async sync(): Promise<void> {

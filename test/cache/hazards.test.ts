@@ -194,9 +194,11 @@ for (const first of ['A', 'B'] as const) {
     const b = pattern(rng, 32 * KiB); // at 48 KiB: overlaps a's last 16 KiB
     const holdA = medium.hold((_o, len) => len === a.length, ['write']);
     const holdB = medium.hold((_o, len) => len === b.length, ['write']);
+    // One after the other: issued in the same tick, the two would be gathered into one vectored
+    // write (DataWriter) and land together.
     const wa = cache.write(0, a);
-    const wb = cache.write(48 * KiB, b);
     await holdA.waitParked(1);
+    const wb = cache.write(48 * KiB, b);
     await holdB.waitParked(1);
     if (first === 'A') {
       holdA.release();

@@ -7,7 +7,7 @@ import { after } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { BackingDevice } from '../../src/backing/backing.js';
 import { formatCache } from '../../src/cache/format.js';
-import { dirtyTailOffset, encodePosition, FormatError, keyTailOffset, SEG_DATA_SIZE, type Position } from '../../src/format/index.js';
+import { dirtyTailOffset, encodePosition, FormatError, keyTailOffset, SEG_DATA_OFF, SEG_DATA_SIZE, SEG_SIZE, SEGMENTS_OFF, type Position } from '../../src/format/index.js';
 import { Gate, settle, type HoldController, type IoOp, type IoPredicate } from '../../src/media/gate.js';
 import type { Medium } from '../../src/media/medium.js';
 import type { Rng } from '../helpers/rng.js';
@@ -516,4 +516,13 @@ export async function formatWithLogNearEnd(medium: Medium, opts: { dataCrc: bool
   await medium.write(encodePosition({ seq: 2, ...pos }), dirtyTailOffset(1));
   await medium.sync();
   return pos;
+}
+
+/** Where a medium offset lies in the log (a fresh format maps cache segment i to physical i). */
+export function logPositionOf(offset: number): Position | null {
+  const rel = offset - SEGMENTS_OFF;
+  if (rel < 0) return null;
+  const seg = Math.floor(rel / SEG_SIZE);
+  const off = rel - seg * SEG_SIZE - SEG_DATA_OFF;
+  return off >= 0 ? { seg, off } : null;
 }

@@ -66,7 +66,16 @@ for (const [i, v] of [
       assert.notEqual(cache.keyTail.seg, start.seg, 'GC followed the LAST kset');
       assert.ok(cache.status().counters.segmentsFreed > 0, 'and freed segments, the old log segment among them');
     } else {
-      assert.ok(samePosition(cache.keyTail, start), 'gc_percent 90: nothing collected in a nearly empty cache');
+      // Each reopen starts the data head in a fresh segment (as dm-pcache does), so some seeds do
+      // fill 90% of this small cache. GC may have run only if the used segments reached 90% when
+      // it started: used now plus those it freed since is at least what was used then.
+      const st = cache.status();
+      if (!samePosition(cache.keyTail, start)) {
+        assert.ok(
+          (st.segsUsed + st.counters.segmentsFreed) * 100 >= 90 * st.nSegs,
+          `gc_percent 90: GC collected (key_tail ${formatPosition(cache.keyTail)}) though at most ${st.segsUsed + st.counters.segmentsFreed} of ${st.nSegs} segments were used`,
+        );
+      }
     }
     await cache.close();
     assert.equal(backing.store.firstDiff(model), -1, 'the backing device equals the model');

@@ -21,15 +21,12 @@ import {
   formatPosition,
   KEY_FLAG_CLEAN,
   samePosition,
-  SEG_DATA_OFF,
-  SEG_SIZE,
-  SEGMENTS_OFF,
   segmentsFor,
   type Key,
   type Position,
 } from '../../src/format/index.js';
 import { seededRng, testSeed } from '../helpers/rng.js';
-import { CACHE_SIZE, keepProcessAlive, KiB, MiB, ObservedMedium, pattern, StoreMedium, waitFor } from './helpers.js';
+import { CACHE_SIZE, keepProcessAlive, KiB, MiB, ObservedMedium, pattern, StoreMedium, waitFor, logPositionOf } from './helpers.js';
 
 keepProcessAlive();
 
@@ -45,15 +42,6 @@ type Event =
   | { t: 'kset'; pos: Position; keys: Key[]; size: number }
   | { t: 'last'; pos: Position; next: number };
 
-/** Where a medium offset lies in the log (a fresh format maps cache segment i to physical i). */
-function positionOf(offset: number): Position | null {
-  const rel = offset - SEGMENTS_OFF;
-  if (rel < 0) return null;
-  const seg = Math.floor(rel / SEG_SIZE);
-  const off = rel - seg * SEG_SIZE - SEG_DATA_OFF;
-  return off >= 0 ? { seg, off } : null;
-}
-
 const N_SEGS = segmentsFor(CACHE_SIZE);
 
 /** Events are recorded from the first I/O after the cache is open (the format is not of interest). */
@@ -68,7 +56,7 @@ function instrument(events: Event[]): { medium: ObservedMedium; backing: MemoryB
       events.push({ t: 'dirtyTail', pos: { seg: rec.seg, off: rec.off } });
       return;
     }
-    const pos = positionOf(ev.offset);
+    const pos = logPositionOf(ev.offset);
     if (!pos || ev.data.length < 24) return;
     const k = decodeKset(ev.data, nSegs());
     if (k instanceof FormatError) return; // cache data, or the zeros that end the log
