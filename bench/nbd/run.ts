@@ -640,7 +640,8 @@ async function main(): Promise<number> {
   const md = renderMarkdown(results, { repo: REPO, mdPath: opts.md });
   mkdirSync(dirname(opts.md), { recursive: true });
   mkdirSync(dirname(opts.json), { recursive: true });
-  // The in-process engine section comes from bench/engine.ts; a rerun here keeps it.
+  // The sections from "In-process engine" on (bench/engine.ts, the profile analysis) are written by
+  // hand from other tools; a rerun here keeps them.
   const ENGINE_HEADING = '\n## In-process engine';
   const old = existsSync(opts.md) ? readFileSync(opts.md, 'utf8') : '';
   const at = old.indexOf(ENGINE_HEADING);
