@@ -20,7 +20,7 @@ export interface IssuedIo {
 
 export class SparseCrashMedium implements Medium {
   readonly gate: Gate;
-  private readonly img: SparseVolatileImage;
+  protected readonly img: SparseVolatileImage;
   private closed = false;
   private dead = false;
   /** Sees every I/O when it is issued, before it takes effect; a write is already in flight then. */

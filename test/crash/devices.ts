@@ -1,21 +1,15 @@
-/**
- * A crash-simulating backing device on sparse copy-on-write pages: the backing-device twin of
- * SparseCrashMedium. Writes since the last flush may be lost or torn by crash(); onIssue sees
- * every I/O as it is issued; kill() cuts the power for an abandoned engine.
- */
 import type { BackingDevice } from '../../src/backing/backing.js';
 import { checkRange } from '../../src/media/blockdev.js';
-import { Gate, ioError, type HoldController, type IoOp, type IoPredicate } from '../../src/media/gate.js';
-import type { IssuedIo } from '../../src/media/sparse-crash.js';
-import { PageImage, SparseVolatileImage, type CrashOptions } from '../../src/media/sparse.js';
+import { SparseCrashMedium } from '../../src/media/sparse-crash.js';
+import type { PageImage } from '../../src/media/sparse.js';
 
-export class SparseCrashBacking implements BackingDevice {
-  readonly gate: Gate;
-  private readonly img: SparseVolatileImage;
-  private closed = false;
-  private dead = false;
-  onIssue: ((io: IssuedIo) => void) | undefined;
-  readonly issued = { read: 0, write: 0, flush: 0 };
+/**
+ * A crash-simulating backing device on sparse copy-on-write pages: SparseCrashMedium (writes since
+ * the last flush may be lost or torn by crash(); onIssue sees every I/O as it is issued; kill()
+ * cuts the power for an abandoned engine) behind the backing-device interface, recording any
+ * access the engine makes outside the device.
+ */
+export class SparseCrashBacking extends SparseCrashMedium implements BackingDevice {
   /** Every access outside the device, as the engine issued it (the device also rejects it). */
   readonly violations: string[] = [];
 
@@ -23,68 +17,25 @@ export class SparseCrashBacking implements BackingDevice {
     base: PageImage,
     readonly name = 'sparse-crash-backing',
   ) {
-    this.img = new SparseVolatileImage(base);
-    this.gate = new Gate(name);
+    super(base, name);
   }
 
-  size(): number {
-    return this.img.size;
+  override read(buf: Buffer, offset: number): Promise<void> {
+    recordViolation(this.violations, 'read', offset, buf.length, this.size());
+    return super.read(buf, offset);
   }
 
-  private bounds(op: 'read' | 'write', offset: number, length: number): void {
-    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || offset + length > this.size()) {
-      this.violations.push(`${op} of ${length} bytes at ${offset}`);
-    }
-    checkRange(this.name, op, offset, length, this.size());
+  override write(data: Buffer, offset: number): Promise<void> {
+    recordViolation(this.violations, 'write', offset, data.length, this.size());
+    return super.write(data, offset);
   }
 
-  async read(buf: Buffer, offset: number): Promise<void> {
-    this.usable('read', offset, buf.length);
-    this.bounds('read', offset, buf.length);
-    this.issued.read++;
-    this.onIssue?.({ op: 'read', offset, length: buf.length });
-    await this.gate.pass('read', offset, buf.length);
-    this.usable('read', offset, buf.length);
-    this.img.current.read(buf, offset);
+  flush(): Promise<void> {
+    return this.sync();
   }
 
-  async write(data: Buffer, offset: number): Promise<void> {
-    this.usable('write', offset, data.length);
-    this.bounds('write', offset, data.length);
-    this.issued.write++;
-    const w = this.img.begin(offset, Buffer.from(data));
-    try {
-      this.onIssue?.({ op: 'write', offset, length: data.length, data: w.data });
-      await this.gate.pass('write', offset, data.length);
-      this.usable('write', offset, data.length);
-    } catch (err) {
-      this.img.drop(w);
-      throw err;
-    }
-    this.img.land(w);
-  }
-
-  async flush(): Promise<void> {
-    this.usable('flush', 0, 0);
-    this.issued.flush++;
-    const mark = this.img.mark();
-    this.onIssue?.({ op: 'flush', offset: 0, length: 0 });
-    await this.gate.pass('flush', 0, 0);
-    this.usable('flush', 0, 0);
-    this.img.persist(mark);
-  }
-
-  async close(): Promise<void> {
-    this.closed = true;
-  }
-
-  crash(rng: () => number, opts?: CrashOptions): PageImage {
-    return this.img.crash(rng, opts);
-  }
-
-  /** What reads see now, as a copy-on-write clone. */
-  image(): PageImage {
-    return this.img.current.clone();
+  failFlushes(on: boolean): void {
+    this.failSyncs(on);
   }
 
   /** Has the page (of PAGE bytes) at `index` ever been written? If not it holds the initial content. */
@@ -96,30 +47,11 @@ export class SparseCrashBacking implements BackingDevice {
   peek(buf: Buffer, offset: number): void {
     this.img.current.read(buf, offset);
   }
+}
 
-  kill(): void {
-    this.dead = true;
-  }
-
-  failReads(pred: IoPredicate | null): void {
-    this.gate.failReads(pred);
-  }
-
-  failWrites(pred: IoPredicate | null): void {
-    this.gate.failWrites(pred);
-  }
-
-  failFlushes(on: boolean): void {
-    this.gate.failFlushes(on);
-  }
-
-  hold(pred: IoPredicate, ops?: readonly IoOp[]): HoldController {
-    return this.gate.hold(pred, ops);
-  }
-
-  private usable(op: IoOp, offset: number, length: number): void {
-    if (this.closed) throw new Error(`${this.name} is closed`);
-    if (this.dead) throw ioError(this.name, op, offset, length);
+function recordViolation(violations: string[], op: 'read' | 'write', offset: number, length: number, size: number): void {
+  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || offset + length > size) {
+    violations.push(`${op} of ${length} bytes at ${offset}`);
   }
 }
 
@@ -141,9 +73,7 @@ export class PageBacking implements BackingDevice {
   }
 
   private bounds(op: 'read' | 'write', offset: number, length: number): void {
-    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || offset + length > this.size()) {
-      this.violations.push(`${op} of ${length} bytes at ${offset}`);
-    }
+    recordViolation(this.violations, op, offset, length, this.size());
     checkRange(this.name, op, offset, length, this.size());
   }
 
