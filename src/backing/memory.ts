@@ -3,7 +3,7 @@
  * or park chosen I/O, and (with `crashable`) produce the image a power cut would leave.
  */
 import { checkRange } from '../media/blockdev.js';
-import { Gate, type HoldController, type IoOp, type IoPredicate } from '../media/gate.js';
+import { GatedDevice } from '../media/gate.js';
 import { VolatileImage } from '../media/volatile.js';
 import type { BackingDevice } from './backing.js';
 
@@ -22,9 +22,8 @@ export interface MemoryBackingOptions {
   crashable?: boolean;
 }
 
-export class MemoryBacking implements BackingDevice {
+export class MemoryBacking extends GatedDevice implements BackingDevice {
   readonly name: string;
-  readonly gate: Gate;
   /** Called as each operation completes, in completion order. */
   onOp: ((op: BackingOp) => void) | undefined;
   private readonly img: VolatileImage;
@@ -32,11 +31,11 @@ export class MemoryBacking implements BackingDevice {
 
   /** A zeroed device of `size` bytes, or one whose durable contents start as a copy of `image`. */
   constructor(sizeOrImage: number | Buffer, opts: MemoryBackingOptions = {}) {
+    super(opts.name ?? 'memory');
     const image = typeof sizeOrImage === 'number' ? Buffer.alloc(sizeOrImage) : Buffer.from(sizeOrImage);
     this.name = opts.name ?? 'memory';
     this.onOp = opts.onOp;
     this.img = new VolatileImage(image, opts.crashable ?? false);
-    this.gate = new Gate(this.name);
   }
 
   size(): number {
@@ -87,23 +86,13 @@ export class MemoryBacking implements BackingDevice {
     return this.img.crash(rng);
   }
 
-  failReads(pred: IoPredicate | null): void {
-    this.gate.failReads(pred);
-  }
 
-  failWrites(pred: IoPredicate | null): void {
-    this.gate.failWrites(pred);
-  }
 
   /** While on, flush() rejects with EIO and makes nothing durable. */
   failFlushes(on: boolean): void {
     this.gate.failFlushes(on);
   }
 
-  /** Parks matching I/O until release(); a flush is op 'flush' with offset 0, length 0. */
-  hold(pred: IoPredicate, ops?: readonly IoOp[]): HoldController {
-    return this.gate.hold(pred, ops);
-  }
 
   private usable(): void {
     if (this.closed) throw new Error(`${this.name} is closed`);

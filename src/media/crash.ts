@@ -3,22 +3,21 @@
  * durable, can produce the image a power cut would leave, and can fail or park chosen I/O.
  */
 import { asBuffers, checkRange, totalLength } from './blockdev.js';
-import { Gate, type HoldController, type IoOp, type IoPredicate } from './gate.js';
+import { GatedDevice } from './gate.js';
 import type { Medium } from './medium.js';
 import { VolatileImage } from './volatile.js';
 
 export { seededRng } from './volatile.js';
 
-export class CrashMedium implements Medium {
-  readonly gate: Gate;
+export class CrashMedium extends GatedDevice implements Medium {
   private readonly img: VolatileImage;
   private closed = false;
 
   /** A zeroed medium of `size` bytes, or one whose durable contents start as a copy of `image`. */
   constructor(sizeOrImage: number | Buffer, readonly path = 'crash-medium') {
+    super(path);
     const image = typeof sizeOrImage === 'number' ? Buffer.alloc(sizeOrImage) : Buffer.from(sizeOrImage);
     this.img = new VolatileImage(image, true);
-    this.gate = new Gate(path);
   }
 
   size(): number {
@@ -68,23 +67,13 @@ export class CrashMedium implements Medium {
     return Buffer.from(this.img.current);
   }
 
-  failReads(pred: IoPredicate | null): void {
-    this.gate.failReads(pred);
-  }
 
-  failWrites(pred: IoPredicate | null): void {
-    this.gate.failWrites(pred);
-  }
 
   /** While on, sync() rejects with EIO and makes nothing durable. */
   failSyncs(on: boolean): void {
     this.gate.failFlushes(on);
   }
 
-  /** Parks matching I/O until release(); a sync is op 'flush' with offset 0, length 0. */
-  hold(pred: IoPredicate, ops?: readonly IoOp[]): HoldController {
-    return this.gate.hold(pred, ops);
-  }
 
   private usable(): void {
     if (this.closed) throw new Error(`${this.path} is closed`);

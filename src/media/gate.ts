@@ -125,3 +125,30 @@ export class Gate {
     if (failing) throw ioError(this.label, op, offset, length);
   }
 }
+
+/**
+ * The fault and hold controls of a test device whose I/O passes through a Gate: the crash media
+ * and the memory backing device share them.
+ */
+export abstract class GatedDevice {
+  readonly gate: Gate;
+
+  constructor(label: string) {
+    this.gate = new Gate(label);
+  }
+
+  /** While set, matching reads reject with EIO. */
+  failReads(pred: IoPredicate | null): void {
+    this.gate.failReads(pred);
+  }
+
+  /** While set, matching writes reject with EIO and change nothing. */
+  failWrites(pred: IoPredicate | null): void {
+    this.gate.failWrites(pred);
+  }
+
+  /** Parks matching I/O until release(); a sync or flush is op 'flush' with offset 0, length 0. */
+  hold(pred: IoPredicate, ops?: readonly IoOp[]): HoldController {
+    return this.gate.hold(pred, ops);
+  }
+}

@@ -6,7 +6,7 @@
  * that an abandoned engine cannot touch it any more.
  */
 import { asBuffers, checkRange, totalLength } from './blockdev.js';
-import { Gate, ioError, type HoldController, type IoOp, type IoPredicate } from './gate.js';
+import { GatedDevice, ioError, type IoOp } from './gate.js';
 import type { Medium } from './medium.js';
 import { PageImage, SparseVolatileImage, type CrashOptions } from './sparse.js';
 
@@ -18,8 +18,7 @@ export interface IssuedIo {
   data?: Buffer;
 }
 
-export class SparseCrashMedium implements Medium {
-  readonly gate: Gate;
+export class SparseCrashMedium extends GatedDevice implements Medium {
   protected readonly img: SparseVolatileImage;
   private closed = false;
   private dead = false;
@@ -30,8 +29,8 @@ export class SparseCrashMedium implements Medium {
 
   /** A zeroed medium of `size` bytes, or one whose durable contents start as `base` (not changed). */
   constructor(sizeOrBase: number | PageImage, readonly path = 'sparse-crash-medium') {
+    super(path);
     this.img = new SparseVolatileImage(typeof sizeOrBase === 'number' ? new PageImage(sizeOrBase) : sizeOrBase);
-    this.gate = new Gate(path);
   }
 
   size(): number {
@@ -108,21 +107,12 @@ export class SparseCrashMedium implements Medium {
     return this.dead;
   }
 
-  failReads(pred: IoPredicate | null): void {
-    this.gate.failReads(pred);
-  }
 
-  failWrites(pred: IoPredicate | null): void {
-    this.gate.failWrites(pred);
-  }
 
   failSyncs(on: boolean): void {
     this.gate.failFlushes(on);
   }
 
-  hold(pred: IoPredicate, ops?: readonly IoOp[]): HoldController {
-    return this.gate.hold(pred, ops);
-  }
 
   private usable(op: IoOp, offset: number, length: number): void {
     if (this.closed) throw new Error(`${this.path} is closed`);
