@@ -213,23 +213,7 @@ async function freshCache(path: string, size: number): Promise<void> {
 
 async function runCase(ctx: Ctx, section: Section, server: Server, c: CaseSpec, job: FioJob, settle: boolean): Promise<CaseResult> {
   const out = join(ctx.tmp, `fio-${server.id}-${c.id}.json`);
-  const base: CaseResult = {
-    section,
-    caseId: c.id,
-    label: c.label,
-    kind: c.kind,
-    server: server.id,
-    serverLabel: server.label,
-    fio: null,
-    cpuSeconds: null,
-    cpuPer100k: null,
-    fioCpuSeconds: null,
-    otherCores: null,
-    wallSeconds: 0,
-    hitPct: null,
-    command: fioCommand(job, server.uri, out),
-    error: null,
-  };
+  const base = emptyCase(section, server, c, null, fioCommand(job, server.uri, out));
   ctx.done++;
   const tag = `[${ctx.done}/${ctx.total}] ${server.id.padEnd(12)} ${c.label}`;
   try {
@@ -297,7 +281,8 @@ function serverRecord(ctx: Ctx, section: Section, id: string, label: string, com
   return rec;
 }
 
-function failedCase(section: Section, server: { id: string; label: string }, c: CaseSpec, error: string): CaseResult {
+/** A case with nothing measured yet: `error` says why nothing will be, `command` what will run. */
+function emptyCase(section: Section, server: { id: string; label: string }, c: CaseSpec, error: string | null, command = ''): CaseResult {
   return {
     section,
     caseId: c.id,
@@ -312,7 +297,7 @@ function failedCase(section: Section, server: { id: string; label: string }, c: 
     otherCores: null,
     wallSeconds: 0,
     hitPct: null,
-    command: '',
+    command,
     error,
   };
 }
@@ -329,7 +314,7 @@ async function runOnServer(ctx: Ctx, section: Section, def: ServerDef, cases: Ca
     serverRecord(ctx, section, def.id, def.label, []).error = msg;
     for (const c of cases) {
       ctx.done++;
-      ctx.results.cases.push(failedCase(section, def, c, `the server did not start: ${msg.split('\n')[0]}`));
+      ctx.results.cases.push(emptyCase(section, def, c, `the server did not start: ${msg.split('\n')[0]}`));
     }
     return;
   }
@@ -361,7 +346,7 @@ async function runOnServer(ctx: Ctx, section: Section, def: ServerDef, cases: Ca
       }
       if (c.kind === 'cachedread' && primed) {
         ctx.done++;
-        ctx.results.cases.push(failedCase(section, server, c, primed));
+        ctx.results.cases.push(emptyCase(section, server, c, primed));
         continue;
       }
       const job = jobFor(c, ctx.opts.runtime, uncachedIndex.get(c.id) ?? 0);

@@ -471,35 +471,18 @@ export class CrashStoreMedium implements Medium {
   async close(): Promise<void> {}
 }
 
-/** A backing device that can crash (CrashStore). */
-export class CrashStoreBacking implements BackingDevice {
-  readonly img: CrashStore;
-
+/** A backing device that can crash (CrashStore): the same store behind the backing interface. */
+export class CrashStoreBacking extends CrashStoreMedium implements BackingDevice {
   constructor(
     size: number,
     readonly name = 'crash-store-backing',
   ) {
-    this.img = new CrashStore(size);
-  }
-
-  size(): number {
-    return this.img.current.size;
-  }
-
-  async read(buf: Buffer, offset: number): Promise<void> {
-    await settle();
-    this.img.current.read(buf, offset);
-  }
-
-  write(data: Buffer, offset: number): Promise<void> {
-    return this.img.write(data, offset);
+    super(size, name);
   }
 
   flush(): Promise<void> {
-    return this.img.sync();
+    return this.sync();
   }
-
-  async close(): Promise<void> {}
 }
 
 /**
