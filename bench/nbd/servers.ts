@@ -184,6 +184,9 @@ export interface PcacheStats {
   readMisses: number;
   readBytes: number;
   readHitBytes: number;
+  /** Segments in use and in all, as `pcache status` prints them: how full the cache is. */
+  segsUsed: number;
+  segNum: number;
 }
 
 async function control(cacheDev: string, cmd: string, args: string[] = []): Promise<unknown> {
@@ -193,7 +196,7 @@ async function control(cacheDev: string, cmd: string, args: string[] = []): Prom
 }
 
 export async function pcacheStats(cacheDev: string): Promise<PcacheStats> {
-  const d = (await control(cacheDev, 'stats')) as { dirtyBytes?: number; counters?: Record<string, number> } | undefined;
+  const d = (await control(cacheDev, 'stats')) as { dirtyBytes?: number; segsUsed?: number; segNum?: number; counters?: Record<string, number> } | undefined;
   const c = d?.counters ?? {};
   return {
     dirtyBytes: d?.dirtyBytes ?? 0,
@@ -203,6 +206,8 @@ export async function pcacheStats(cacheDev: string): Promise<PcacheStats> {
     readMisses: c.readMisses ?? 0,
     readBytes: c.readBytes ?? 0,
     readHitBytes: c.readHitBytes ?? 0,
+    segsUsed: d?.segsUsed ?? 0,
+    segNum: d?.segNum ?? 0,
   };
 }
 
