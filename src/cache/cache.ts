@@ -42,6 +42,11 @@ export interface CacheOptions {
   ksetCloseMs?: number;
   /** Format an unformatted device on open (as dm-pcache does). Default true. */
   formatIfBlank?: boolean;
+  /**
+   * How often segments a write found without blocks (a sparse cache file on a full filesystem)
+   * are tried again (default 5 s): the filesystem may have room by then.
+   */
+  spaceRetryMs?: number;
 }
 
 function checkOptions(meta: CacheMeta, opts: CacheOptions): void {
@@ -69,6 +74,7 @@ export class Cache implements BlockDevice {
   private closed = false;
   private sweepPending = false;
   private cacheFlags: number;
+  private spaceTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     readonly medium: Medium,
@@ -141,6 +147,8 @@ export class Cache implements BlockDevice {
     writeback.start();
     writeback.kick();
     gc.kick();
+    cache.spaceTimer = setInterval(() => r.segments.retrySpace(), opts.spaceRetryMs ?? 5000);
+    cache.spaceTimer.unref();
     return cache;
   }
 
@@ -149,6 +157,7 @@ export class Cache implements BlockDevice {
   }
 
   private needSpace(): void {
+    this.core.segments.retryFailedBumps();
     this.core.log.close().catch(() => undefined);
     this.writeback.kick();
     this.gc.kick();
@@ -309,6 +318,7 @@ export class Cache implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    clearInterval(this.spaceTimer);
     await this.idle();
     try {
       await this.persistLog();
@@ -324,6 +334,7 @@ export class Cache implements BlockDevice {
   /** Stop timers and engines without writing anything: the state a crash leaves (tests). */
   async abandon(): Promise<void> {
     this.closed = true;
+    clearInterval(this.spaceTimer);
     this.core.log.stop();
     await this.writeback.stop();
     await this.gc.stop();
