@@ -12,12 +12,14 @@ import {
   type CacheMode,
   type Position,
 } from '../format/index.js';
+import { silentLogger, type Logger } from '../log.js';
 import type { Medium } from '../media/medium.js';
 import type { BlockDevice } from './block-device.js';
 import { newCounters, type CacheCore, type Counters } from './core.js';
 import { DataHead } from './data-head.js';
 import { DataWriter } from './data-writer.js';
 import { CacheError } from './errors.js';
+import { FailureLog } from './failures.js';
 import { formatCache } from './format.js';
 import { Gc } from './gc.js';
 import { KsetLog } from './kset-log.js';
@@ -47,6 +49,8 @@ export interface CacheOptions {
    * are tried again (default 5 s): the filesystem may have room by then.
    */
   spaceRetryMs?: number;
+  /** Where write-back, GC and space failures are logged (default: nowhere). */
+  logger?: Logger;
 }
 
 function checkOptions(meta: CacheMeta, opts: CacheOptions): void {
@@ -75,6 +79,7 @@ export class Cache implements BlockDevice {
   private sweepPending = false;
   private cacheFlags: number;
   private spaceTimer: NodeJS.Timeout | undefined;
+  private failures: FailureLog = new FailureLog(silentLogger);
 
   private constructor(
     readonly medium: Medium,
@@ -142,6 +147,17 @@ export class Cache implements BlockDevice {
     );
     const gc = new Gc(core, { seg: meta.keyTail.seg, off: meta.keyTail.off }, keyTailRecord(medium, meta.keyTailSlot), () => writeback.dirtyTail, flagsGcPercent(meta.cacheInfo.flags));
     cache = new Cache(medium, backing, meta, core, gc, writeback, cacheInfoRecord(medium, meta.cacheInfoSlot), r.endNote);
+    const logger = opts.logger ?? silentLogger;
+    const failures = new FailureLog(logger);
+    cache.failures = failures;
+    writeback.onError = (err, pos) => failures.record('writeback', 'dirty_tail', err, pos);
+    gc.onError = (err, pos) => failures.record('gc', 'key_tail', err, pos);
+    r.segments.onError = (err) => logger.limited('error', 'segment_gen', 10_000, 'segment_gen_error', `segment generation update failed: ${err instanceof Error ? err.message : String(err)}`);
+    r.segments.onNoBlocks = (seg) =>
+      logger.limited('warn', 'no_space', 10_000, 'cache_no_space', 'a cache device write failed for space (a sparse cache file on a full filesystem?): going on in other segments', {
+        seg,
+        path: medium.path,
+      });
     r.segments.onFree = () => stats.segmentsFreed++;
     r.segments.onInvalidate = () => cache?.scheduleSweep();
     writeback.start();
@@ -284,6 +300,8 @@ export class Cache implements BlockDevice {
       openKeys: this.core.log.openKeys,
       writebackError: this.writeback.lastError,
       gcError: this.gc.lastError,
+      writebackLastError: this.failures.last('writeback'),
+      gcLastError: this.failures.last('gc'),
       counters: { ...this.core.stats },
     };
   }

@@ -34,6 +34,7 @@ export class Segments {
   onFree: () => void = () => {};
   onInvalidate: (seg: number) => void = () => {};
   onError: (err: unknown) => void = () => {};
+  onNoBlocks: (seg: number) => void = () => {};
 
   constructor(medium: Medium, physOf: readonly number[], gens: readonly number[], genSlots: readonly SlotState[]) {
     this.n = physOf.length;
@@ -158,6 +159,7 @@ export class Segments {
   /** A write to `seg` failed for space: hand out other segments until retrySpace(). */
   markNoBlocks(seg: number): void {
     this.noBlocks.add(seg);
+    this.onNoBlocks(seg);
   }
 
   /** Whether a free segment other than those marked without blocks is left. */
