@@ -29,12 +29,15 @@ export function runDir(): string {
 /**
  * Creates the runtime directory owner-only (0700, whatever the umask), or tightens one we own.
  * `extraMode` adds search bits for operators who give a group access to the sockets inside.
+ * A shared directory (sticky or writable by all, such as /tmp given as PCACHE_RUN_DIR) is left
+ * as it is: the sockets in it are private by their own mode.
  */
 export async function ensureRunDir(extraMode = 0, group?: number): Promise<string> {
   const dir = runDir();
-  await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+  const created = await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
   const st = await fsp.stat(dir);
-  if (typeof process.getuid === 'function' && st.uid === process.getuid()) {
+  const shared = (st.mode & 0o1002) !== 0;
+  if (created !== undefined || (!shared && typeof process.getuid === 'function' && st.uid === process.getuid())) {
     // mkdir's mode is filtered by the umask, and a directory made by an older pcache may be 0755.
     await fsp.chmod(dir, 0o700 | (extraMode & 0o011));
     if (group !== undefined) await fsp.chown(dir, st.uid, group);

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { linkSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { chmodSync, linkSync, mkdirSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { openFileBacking } from '../../src/backing/file.js';
@@ -50,6 +50,20 @@ test('the runtime directory follows PCACHE_RUN_DIR and is made owner-only whatev
     process.umask(old);
   }
   assert.equal(statSync(runDir()).mode & 0o777, 0o700);
+});
+
+test('a shared directory given as PCACHE_RUN_DIR (sticky, writable by all, like /tmp) is left as it is', async () => {
+  const shared = join(dir, 'shared-run');
+  mkdirSync(shared);
+  chmodSync(shared, 0o1777);
+  const before = process.env.PCACHE_RUN_DIR;
+  process.env.PCACHE_RUN_DIR = shared;
+  try {
+    await ensureRunDir();
+  } finally {
+    process.env.PCACHE_RUN_DIR = before;
+  }
+  assert.equal(statSync(shared).mode & 0o7777, 0o1777);
 });
 
 test('a second open in the same process fails, naming the device, through a symlink and a hard link', async () => {
