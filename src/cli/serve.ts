@@ -3,13 +3,15 @@ import { resolve as resolvePath } from 'node:path';
 import type { BackingDevice } from '../backing/backing.js';
 import { openBacking } from '../backing/open.js';
 import { Cache } from '../cache/cache.js';
+import { isBlank } from '../cache/meta.js';
+import { createLogger } from '../log.js';
 import { statusFields } from '../cache/status.js';
-import { openFileMedium } from '../media/file.js';
-import type { Medium } from '../media/medium.js';
+import { openFileMedium, type FileMedium } from '../media/file.js';
+import { SPARSE_RISK } from '../media/space.js';
 import { createNbdServer, type NbdServer } from '../nbd/server.js';
 import { parseArgs } from './args.js';
 import type { CliIo, Command } from './command.js';
-import { startControlServer, type ControlRequest, type ControlResult } from './control.js';
+import { listenPrivately, parseSocketAccess, startControlServer, type ControlRequest, type ControlResult, type SocketAccess } from './control.js';
 import { CliError, UsageError } from './errors.js';
 import { parseGcPercentMessage, parseTableOptions, type TableOptions } from './table.js';
 
@@ -20,23 +22,36 @@ export const DEFAULT_BACKING_SIZE = 4 * GiB;
 const DEFAULT_PORT = 10809;
 
 const HELP = `usage: pcache serve [<cache-dev> <backing-dev> [<n> [cache_mode writeback] [data_crc true|false]]]
-                    [--listen HOST:PORT | --socket PATH] [--export NAME]
+                    [--listen HOST:PORT | --socket PATH] [--export NAME] [--sparse]
+                    [--socket-mode MODE] [--socket-group GROUP]
 
 Serve <backing-dev> cached by <cache-dev> over NBD. The options after the devices are
 dm-pcache's table options, word for word. With no devices, serve an embedded default:
-./${DEFAULT_DIR}/cache.img (1 GiB) in front of ./${DEFAULT_DIR}/backing.img (4 GiB), both
-sparse, created when missing. <backing-dev> is a file, a block device or an NBD export
+./${DEFAULT_DIR}/cache.img (1 GiB) in front of ./${DEFAULT_DIR}/backing.img (4 GiB, sparse),
+created when missing. <backing-dev> is a file, a block device or an NBD export
 (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), reconnected if the connection drops.
 
   --listen HOST:PORT  TCP address (default 127.0.0.1:${DEFAULT_PORT})
   --socket PATH       listen on a unix socket instead
   --export NAME       export name (default: the empty default export)
+  --sparse            on first start, leave a blank cache file sparse instead of allocating
+                      all its blocks (fallocate); the risk: ${SPARSE_RISK}
+  --socket-mode MODE  mode of the unix sockets (control, and --socket's): default 0600,
+                      owner only, whatever the umask; e.g. 0660 with --socket-group
+  --socket-group GROUP  group of the unix sockets (a name or a number)
+
+A cache device is owned by one pcache at a time: an OS lock on the open device (a loop device's
+file too) refuses a second server or tool on it, by whatever path, hard link or runtime
+directory; a file or block device as backing device is claimed the same way.
 `;
 
 const SPEC = {
   listen: { type: 'string', value: 'HOST:PORT' },
   socket: { type: 'string', value: 'PATH' },
   export: { type: 'string', value: 'NAME' },
+  sparse: { type: 'boolean' },
+  'socket-mode': { type: 'string', value: 'MODE' },
+  'socket-group': { type: 'string', value: 'GROUP' },
 } as const;
 
 export interface ServeConfig {
@@ -47,6 +62,9 @@ export interface ServeConfig {
   listen: { host: string; port: number } | null;
   socket: string | null;
   exportName: string;
+  /** Leave a blank cache file sparse on first start. */
+  sparse: boolean;
+  socketAccess: SocketAccess;
 }
 
 function parseListen(text: string): { host: string; port: number } {
@@ -73,6 +91,8 @@ export function parseServeArgs(argv: readonly string[]): ServeConfig {
     listen: options.socket !== undefined ? null : parseListen(options.listen ?? `127.0.0.1:${DEFAULT_PORT}`),
     socket: options.socket ?? null,
     exportName: options.export ?? '',
+    sparse: options.sparse === true,
+    socketAccess: parseSocketAccess(options['socket-mode'], options['socket-group']),
   };
 }
 
@@ -117,9 +137,9 @@ function connectHelp(cfg: ServeConfig, addr: string, uri: string): string {
 export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Promise<number>; stop(force: boolean): void; uri: string }> {
   if (cfg.embedded) {
     const made = [await ensureSparse(cfg.cacheDev, DEFAULT_CACHE_SIZE), await ensureSparse(cfg.backingDev, DEFAULT_BACKING_SIZE)];
-    if (made.some(Boolean)) io.err(`pcache: created ${DEFAULT_DIR}/cache.img (1 GiB) and ${DEFAULT_DIR}/backing.img (4 GiB), sparse\n`);
+    if (made.some(Boolean)) io.err(`pcache: created ${DEFAULT_DIR}/cache.img (1 GiB) and ${DEFAULT_DIR}/backing.img (4 GiB, sparse)\n`);
   }
-  let medium: Medium | undefined;
+  let medium: FileMedium | undefined;
   let backing: BackingDevice | undefined;
   let cache: Cache | undefined;
   let nbd: NbdServer | undefined;
@@ -138,7 +158,9 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
     }
     medium = await openFileMedium(cfg.cacheDev);
     backing = await openBacking(cfg.backingDev, { nbd: { log: (m) => io.err(`pcache: ${m}\n`) } });
-    cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode });
+    // First start formats a blank device: a cache file gets all its blocks first (see --sparse).
+    if (!cfg.sparse && !medium.isBlockDevice && (await isBlank(medium))) await medium.allocate();
+    cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode, logger: createLogger() });
     nbd = createNbdServer({ device: cache, exportName: cfg.exportName, description: `pcache: ${cfg.backingDev} cached by ${cfg.cacheDev}` });
   } catch (err) {
     await cache?.close().catch(() => undefined);
@@ -197,9 +219,10 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
   let addr: string;
   let uri: string;
   try {
-    control = await startControlServer(cfg.cacheDev, handle);
+    control = await startControlServer(cfg.cacheDev, handle, cfg.socketAccess);
     if (cfg.socket) {
-      await theNbd.listenUnix(cfg.socket);
+      const socket = cfg.socket;
+      await listenPrivately(socket, cfg.socketAccess, () => theNbd.listenUnix(socket));
       addr = cfg.socket;
       uri = `nbd+unix:///${cfg.exportName}?socket=${resolvePath(cfg.socket)}`;
     } else {
