@@ -86,7 +86,7 @@ export const NBD_DEFAULT_PORT = 10809;
 const TLS_QUERY = ['tls-psk-file', 'tls-username', 'tls-certificates', 'tls-verify-peer'] as const;
 
 /** libnbd's query parameters for TLS; a username may also come as the URI's user part. */
-function tlsFromUri(u: URL, uri: string, secure: boolean): ClientTlsSettings | undefined {
+function tlsFromUri(u: URL, uri: string, secure: boolean, user: string): ClientTlsSettings | undefined {
   const given = TLS_QUERY.filter((k) => u.searchParams.has(k));
   if (!secure) {
     if (given.length > 0) throw new Error(`${given.join(', ')} given in a URI without TLS; use nbds:// or nbds+unix://: ${uri}`);
@@ -95,7 +95,7 @@ function tlsFromUri(u: URL, uri: string, secure: boolean): ClientTlsSettings | u
   const q = (k: (typeof TLS_QUERY)[number]): string | undefined => u.searchParams.get(k) ?? undefined;
   const out: ClientTlsSettings = {};
   const pskFile = q('tls-psk-file');
-  const username = q('tls-username') ?? (u.username ? decodeURIComponent(u.username) : undefined);
+  const username = q('tls-username') ?? (user ? decodeURIComponent(user) : undefined);
   const certificatesDir = q('tls-certificates');
   const verify = q('tls-verify-peer');
   if (pskFile !== undefined) out.pskFile = pskFile;
@@ -114,12 +114,15 @@ function tlsFromUri(u: URL, uri: string, secure: boolean): ClientTlsSettings | u
  * libnbd's TLS query parameters (tls-psk-file, tls-username, tls-certificates, tls-verify-peer).
  */
 export function parseNbdUri(uri: string): NbdTarget {
+  // libnbd takes nbds+unix://USER@/?socket=... (a user with no host), which URL refuses.
+  const unixUser = /^(nbds?\+unix:\/\/)([^@/]+)@\//i.exec(uri);
   let u: URL;
   try {
-    u = new URL(uri);
+    u = new URL(unixUser ? `${unixUser[1]}/${uri.slice(unixUser[0].length)}` : uri);
   } catch {
     throw new Error(`invalid NBD URI: ${uri}`);
   }
+
   const exportName = decodeURIComponent(u.pathname.replace(/^\//, ''));
   const secure = u.protocol === 'nbds:' || u.protocol === 'nbds+tcp:' || u.protocol === 'nbds+unix:';
   let target: NbdTarget;
@@ -144,7 +147,7 @@ export function parseNbdUri(uri: string): NbdTarget {
     default:
       throw new Error(`not an NBD URI: ${uri}`);
   }
-  const tlsSettings = tlsFromUri(u, uri, secure);
+  const tlsSettings = tlsFromUri(u, uri, secure, unixUser ? unixUser[2]! : u.username);
   if (tlsSettings) target.tls = tlsSettings;
   return target;
 }

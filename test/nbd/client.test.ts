@@ -30,6 +30,9 @@ test('parseNbdUri', () => {
   assert.deepEqual(parseNbdUri('nbds://h/?tls-certificates=/pki&tls-verify-peer=false'), {
     transport: 'tcp', host: 'h', port: 10809, exportName: '', tls: { certificatesDir: '/pki', verifyPeer: false },
   });
+  assert.deepEqual(parseNbdUri('nbds+unix://carol@/e?socket=/s&tls-psk-file=/k'), {
+    transport: 'unix', path: '/s', exportName: 'e', tls: { pskFile: '/k', username: 'carol' },
+  });
   assert.deepEqual(parseNbdUri('nbds://h/'), { transport: 'tcp', host: 'h', port: 10809, exportName: '', tls: {} });
   assert.throws(() => parseNbdUri('nbd://h/?tls-psk-file=/k'), /nbds:\/\//);
   assert.throws(() => parseNbdUri('nbds://h/?tls-psk-file=/k&tls-certificates=/d'), /exclude/);
