@@ -1,6 +1,7 @@
 /**
  * Opens a backing device from what the user wrote: an NBD URI (`nbd://host[:port]/export`,
- * `nbd+unix:///export?socket=/path`, as libnbd writes them) or a file or block device path.
+ * `nbd+unix:///export?socket=/path`, their TLS forms nbds:// and nbds+unix:// with libnbd's
+ * tls-psk-file, tls-username and tls-certificates parameters) or a file or block device path.
  */
 import type { BackingDevice } from './backing.js';
 import { openFileBacking, type FileBackingOptions } from './file.js';

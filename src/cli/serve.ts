@@ -8,8 +8,9 @@ import { createLogger } from '../log.js';
 import { statusFields } from '../cache/status.js';
 import { openFileMedium, type FileMedium } from '../media/file.js';
 import { SPARSE_RISK } from '../media/space.js';
-import { createNbdServer, type NbdServer } from '../nbd/server.js';
-import { parseArgs } from './args.js';
+import { createNbdServer, DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS, type NbdServer } from '../nbd/server.js';
+import { loadServerTls, TlsConfigError, type ServerTls, type TlsMode } from '../nbd/tls.js';
+import { parseArgs, parseIntOption } from './args.js';
 import type { CliIo, Command } from './command.js';
 import { listenPrivately, parseSocketAccess, startControlServer, type ControlRequest, type ControlResult, type SocketAccess } from './control.js';
 import { CliError, UsageError } from './errors.js';
@@ -39,10 +40,23 @@ created when missing. <backing-dev> is a file, a block device or an NBD export
   --socket-mode MODE  mode of the unix sockets (control, and --socket's): default 0600,
                       owner only, whatever the umask; e.g. 0660 with --socket-group
   --socket-group GROUP  group of the unix sockets (a name or a number)
+  --read-only         clients may only read (writes, trims and zeroing fail with EPERM);
+                      the cache still replays and writes back what it holds
+  --max-connections N clients at once, handshaking ones included (default ${DEFAULT_MAX_CONNECTIONS})
+  --handshake-timeout S  drop a client that has not finished negotiating after S seconds
+                      (default ${DEFAULT_HANDSHAKE_TIMEOUT_MS / 1000})
+  --tls off|on|require  NBD STARTTLS: on offers it, require refuses clients without it
+                      (default off; on/require need one of the two below)
+  --tls-psk FILE      pre-shared keys, username:hexkey lines (nbdkit's and psktool's format)
+  --tls-certificates DIR  X.509: DIR/server-cert.pem, DIR/server-key.pem (DIR/ca-cert.pem)
 
 A cache device is owned by one pcache at a time: an OS lock on the open device (a loop device's
 file too) refuses a second server or tool on it, by whatever path, hard link or runtime
 directory; a file or block device as backing device is claimed the same way.
+
+Clients over TLS: nbds://HOST:PORT/EXPORT?tls-psk-file=FILE&tls-username=USER (libnbd).
+A TCP address other than loopback without --tls require gets a warning: anyone who can reach
+it can read and write the device.
 `;
 
 const SPEC = {
@@ -52,6 +66,12 @@ const SPEC = {
   sparse: { type: 'boolean' },
   'socket-mode': { type: 'string', value: 'MODE' },
   'socket-group': { type: 'string', value: 'GROUP' },
+  'read-only': { type: 'boolean' },
+  'max-connections': { type: 'string', value: 'N' },
+  'handshake-timeout': { type: 'string', value: 'S' },
+  tls: { type: 'string', value: 'off|on|require' },
+  'tls-psk': { type: 'string', value: 'FILE' },
+  'tls-certificates': { type: 'string', value: 'DIR' },
 } as const;
 
 export interface ServeConfig {
@@ -65,6 +85,26 @@ export interface ServeConfig {
   /** Leave a blank cache file sparse on first start. */
   sparse: boolean;
   socketAccess: SocketAccess;
+  readOnly: boolean;
+  maxConnections: number;
+  handshakeTimeoutMs: number;
+  tls: { mode: TlsMode; pskFile?: string; certificatesDir?: string };
+}
+
+function parseTlsMode(text: string | undefined): TlsMode {
+  if (text === undefined) return 'off';
+  if (text === 'off' || text === 'on' || text === 'require') return text;
+  throw new UsageError(`--tls takes off, on or require, not '${text}'`);
+}
+
+function parseSeconds(name: string, text: string): number {
+  const n = Number(text);
+  if (!/^\d+(\.\d+)?$/.test(text.trim()) || !(n > 0) || n > 86400) throw new UsageError(`--${name} takes seconds (more than 0, at most 86400), not '${text}'`);
+  return Math.round(n * 1000);
+}
+
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host) || /^::ffff:127\./i.test(host);
 }
 
 function parseListen(text: string): { host: string; port: number } {
@@ -93,6 +133,14 @@ export function parseServeArgs(argv: readonly string[]): ServeConfig {
     exportName: options.export ?? '',
     sparse: options.sparse === true,
     socketAccess: parseSocketAccess(options['socket-mode'], options['socket-group']),
+    readOnly: options['read-only'] === true,
+    maxConnections: options['max-connections'] === undefined ? DEFAULT_MAX_CONNECTIONS : parseIntOption('max-connections', options['max-connections'], 1, 65536),
+    handshakeTimeoutMs: options['handshake-timeout'] === undefined ? DEFAULT_HANDSHAKE_TIMEOUT_MS : parseSeconds('handshake-timeout', options['handshake-timeout']),
+    tls: {
+      mode: parseTlsMode(options.tls),
+      ...(options['tls-psk'] !== undefined ? { pskFile: options['tls-psk'] } : {}),
+      ...(options['tls-certificates'] !== undefined ? { certificatesDir: options['tls-certificates'] } : {}),
+    },
   };
 }
 
@@ -135,6 +183,12 @@ function connectHelp(cfg: ServeConfig, addr: string, uri: string): string {
 
 /** A running server: the cache, the NBD listener and the control socket, and their shutdown. */
 export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Promise<number>; stop(force: boolean): void; uri: string }> {
+  let tls: ServerTls | null;
+  try {
+    tls = loadServerTls(cfg.tls);
+  } catch (err) {
+    throw err instanceof TlsConfigError ? new CliError(err.message) : err;
+  }
   if (cfg.embedded) {
     const made = [await ensureSparse(cfg.cacheDev, DEFAULT_CACHE_SIZE), await ensureSparse(cfg.backingDev, DEFAULT_BACKING_SIZE)];
     if (made.some(Boolean)) io.err(`pcache: created ${DEFAULT_DIR}/cache.img (1 GiB) and ${DEFAULT_DIR}/backing.img (4 GiB, sparse)\n`);
@@ -161,7 +215,15 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
     // First start formats a blank device: a cache file gets all its blocks first (see --sparse).
     if (!cfg.sparse && !medium.isBlockDevice && (await isBlank(medium))) await medium.allocate();
     cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode, logger: createLogger() });
-    nbd = createNbdServer({ device: cache, exportName: cfg.exportName, description: `pcache: ${cfg.backingDev} cached by ${cfg.cacheDev}` });
+    nbd = createNbdServer({
+      device: cache,
+      exportName: cfg.exportName,
+      description: `pcache: ${cfg.backingDev} cached by ${cfg.cacheDev}`,
+      readOnly: cfg.readOnly,
+      maxConnections: cfg.maxConnections,
+      handshakeTimeoutMs: cfg.handshakeTimeoutMs,
+      tls,
+    });
   } catch (err) {
     await cache?.close().catch(() => undefined);
     await release();
@@ -224,12 +286,18 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
       const socket = cfg.socket;
       await listenPrivately(socket, cfg.socketAccess, () => theNbd.listenUnix(socket));
       addr = cfg.socket;
-      uri = `nbd+unix:///${cfg.exportName}?socket=${resolvePath(cfg.socket)}`;
+      uri = `${tls?.mode === 'require' ? 'nbds' : 'nbd'}+unix:///${cfg.exportName}?socket=${resolvePath(cfg.socket)}`;
     } else {
       const a = await theNbd.listenTcp(cfg.listen!.host, cfg.listen!.port);
       addr = `${a.host}:${a.port}`;
       const host = a.host.includes(':') ? `[${a.host}]` : a.host;
-      uri = `nbd://${host}:${a.port}/${cfg.exportName}`;
+      uri = `${tls?.mode === 'require' ? 'nbds' : 'nbd'}://${host}:${a.port}/${cfg.exportName}`;
+      if (!isLoopback(a.host) && tls?.mode !== 'require') {
+        io.err(
+          `pcache: warning: listening on ${addr} ${tls ? 'with TLS optional (--tls on)' : 'without TLS'}: anyone who can reach it can ` +
+            `${cfg.readOnly ? 'read' : 'read and write'} the device; use --tls require with --tls-psk or --tls-certificates\n`,
+        );
+      }
     }
   } catch (err) {
     await theNbd.close({ force: true }).catch(() => undefined);
