@@ -7,6 +7,11 @@ export interface FileBackingOptions {
   /** Create a sparse file of `size` bytes if the path does not exist; an existing file is opened as it is. */
   create?: boolean;
   size?: number;
+  /**
+   * Claim the device with an exclusive OS lock (default true): a second cache over the same
+   * backing device would write back over the first one's data.
+   */
+  lock?: boolean;
 }
 
 export class FileBacking implements BackingDevice {
@@ -18,14 +23,16 @@ export class FileBacking implements BackingDevice {
     private readonly fh: FileHandle,
     private readonly bytes: number,
     readonly isBlockDevice: boolean,
+    /** Held only for their locks (the file behind a loop device). */
+    private readonly extra: readonly FileHandle[],
   ) {
     this.label = `backing device ${name}`;
   }
 
   static async open(path: string, opts: FileBackingOptions = {}): Promise<FileBacking> {
     if (opts.create) await createIfMissing(path, opts.size, `backing device ${path}`);
-    const dev = await openDevice(path, { what: 'backing device' });
-    return new FileBacking(path, dev.fh, dev.size, dev.isBlockDevice);
+    const dev = await openDevice(path, { what: 'backing device', lock: (opts.lock ?? true) ? 'exclusive' : undefined });
+    return new FileBacking(path, dev.fh, dev.size, dev.isBlockDevice, dev.extra);
   }
 
   size(): number {
@@ -56,7 +63,11 @@ export class FileBacking implements BackingDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.fh.close();
+    try {
+      await this.fh.close();
+    } finally {
+      for (const x of this.extra) await x.close().catch(() => undefined);
+    }
   }
 
   private usable(): void {

@@ -11,6 +11,8 @@
  *   new connection says nothing about them. So after any lost connection, the next flush()
  *   rejects with EIO (once): the write-back engine then retries the whole kset, sending its writes
  *   again, and only a flush with no loss since those writes counts.
+ * - nbds:// and nbds+unix:// URIs: every connection, re-opened ones included, starts with
+ *   NBD_OPT_STARTTLS (pre-shared keys or X.509, as the URI's libnbd query parameters say).
  * - With NBD_FLAG_CAN_MULTI_CONN the adapter opens several connections and spreads requests
  *   round-robin, so write-back and miss reads overlap; a flush on any connection then covers
  *   the writes completed on all of them. Without it, one connection.

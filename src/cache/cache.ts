@@ -12,12 +12,14 @@ import {
   type CacheMode,
   type Position,
 } from '../format/index.js';
+import { silentLogger, type Logger } from '../log.js';
 import type { Medium } from '../media/medium.js';
 import type { BlockDevice } from './block-device.js';
 import { newCounters, type CacheCore, type Counters } from './core.js';
 import { DataHead } from './data-head.js';
 import { DataWriter } from './data-writer.js';
 import { CacheError } from './errors.js';
+import { FailureLog } from './failures.js';
 import { formatCache } from './format.js';
 import { Gc } from './gc.js';
 import { KsetLog } from './kset-log.js';
@@ -42,6 +44,13 @@ export interface CacheOptions {
   ksetCloseMs?: number;
   /** Format an unformatted device on open (as dm-pcache does). Default true. */
   formatIfBlank?: boolean;
+  /**
+   * How often segments a write found without blocks (a sparse cache file on a full filesystem)
+   * are tried again (default 5 s): the filesystem may have room by then.
+   */
+  spaceRetryMs?: number;
+  /** Where write-back, GC and space failures are logged (default: nowhere). */
+  logger?: Logger;
 }
 
 function checkOptions(meta: CacheMeta, opts: CacheOptions): void {
@@ -69,6 +78,8 @@ export class Cache implements BlockDevice {
   private closed = false;
   private sweepPending = false;
   private cacheFlags: number;
+  private spaceTimer: NodeJS.Timeout | undefined;
+  private failures: FailureLog = new FailureLog(silentLogger);
 
   private constructor(
     readonly medium: Medium,
@@ -136,11 +147,24 @@ export class Cache implements BlockDevice {
     );
     const gc = new Gc(core, { seg: meta.keyTail.seg, off: meta.keyTail.off }, keyTailRecord(medium, meta.keyTailSlot), () => writeback.dirtyTail, flagsGcPercent(meta.cacheInfo.flags));
     cache = new Cache(medium, backing, meta, core, gc, writeback, cacheInfoRecord(medium, meta.cacheInfoSlot), r.endNote);
+    const logger = opts.logger ?? silentLogger;
+    const failures = new FailureLog(logger);
+    cache.failures = failures;
+    writeback.onError = (err, pos) => failures.record('writeback', 'dirty_tail', err, pos);
+    gc.onError = (err, pos) => failures.record('gc', 'key_tail', err, pos);
+    r.segments.onError = (err) => logger.limited('error', 'segment_gen', 10_000, 'segment_gen_error', `segment generation update failed: ${err instanceof Error ? err.message : String(err)}`);
+    r.segments.onNoBlocks = (seg) =>
+      logger.limited('warn', 'no_space', 10_000, 'cache_no_space', 'a cache device write failed for space (a sparse cache file on a full filesystem?): going on in other segments', {
+        seg,
+        path: medium.path,
+      });
     r.segments.onFree = () => stats.segmentsFreed++;
     r.segments.onInvalidate = () => cache?.scheduleSweep();
     writeback.start();
     writeback.kick();
     gc.kick();
+    cache.spaceTimer = setInterval(() => r.segments.retrySpace(), opts.spaceRetryMs ?? 5000);
+    cache.spaceTimer.unref();
     return cache;
   }
 
@@ -149,6 +173,7 @@ export class Cache implements BlockDevice {
   }
 
   private needSpace(): void {
+    this.core.segments.retryFailedBumps();
     this.core.log.close().catch(() => undefined);
     this.writeback.kick();
     this.gc.kick();
@@ -275,6 +300,8 @@ export class Cache implements BlockDevice {
       openKeys: this.core.log.openKeys,
       writebackError: this.writeback.lastError,
       gcError: this.gc.lastError,
+      writebackLastError: this.failures.last('writeback'),
+      gcLastError: this.failures.last('gc'),
       counters: { ...this.core.stats },
     };
   }
@@ -309,6 +336,7 @@ export class Cache implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    clearInterval(this.spaceTimer);
     await this.idle();
     try {
       await this.persistLog();
@@ -324,6 +352,7 @@ export class Cache implements BlockDevice {
   /** Stop timers and engines without writing anything: the state a crash leaves (tests). */
   async abandon(): Promise<void> {
     this.closed = true;
+    clearInterval(this.spaceTimer);
     this.core.log.stop();
     await this.writeback.stop();
     await this.gc.stop();

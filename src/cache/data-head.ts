@@ -43,6 +43,16 @@ export class DataHead {
     return ext;
   }
 
+  /**
+   * Leave `seg` if it is the head's segment (a write there failed for space): the next extent
+   * comes from another segment. The head's reference goes; the segment retires once its keys do.
+   */
+  abandon(seg: number): void {
+    if (this.seg !== seg) return;
+    this.seg = -1;
+    this.segments.put(seg);
+  }
+
   get position(): { seg: number; off: number } | null {
     return this.seg < 0 ? null : { seg: this.seg, off: this.off };
   }

@@ -19,3 +19,8 @@ export function ioError(err: unknown, what: string): Error {
   const msg = err instanceof Error ? err.message : String(err);
   return new CacheError(`${what}: ${msg}`, typeof code === 'string' && code.startsWith('E') ? code : 'EIO');
 }
+
+/** A write refused for space: a sparse cache file on a full filesystem. */
+export function isNoSpace(err: unknown): boolean {
+  return (err as { code?: unknown } | null)?.code === 'ENOSPC';
+}

@@ -17,6 +17,8 @@ export class Gc {
   private again = false;
   private stopped = false;
   lastError: string | null = null;
+  /** Told of every failed run, with the key_tail it stopped at. */
+  onError: (err: unknown, keyTail: Position) => void = () => {};
 
   constructor(
     private readonly core: CacheCore,
@@ -60,6 +62,7 @@ export class Gc {
         await this.collect();
       } catch (err) {
         this.lastError = err instanceof Error ? err.message : String(err);
+        this.onError(err, this.keyTailPos);
       }
     } while (this.again && !this.stopped);
   }

@@ -11,6 +11,7 @@ import {
   type Position,
 } from '../format/index.js';
 import type { Medium } from '../media/medium.js';
+import { isNoSpace } from './errors.js';
 import type { Segments } from './segments.js';
 
 const LOG_END = Buffer.alloc(KSET_HEADER_SIZE);
@@ -158,6 +159,19 @@ export class KsetLog {
   }
 
   private async writeKset(keys: Key[]): Promise<void> {
+    try {
+      await this.writeKsetAtHead(keys);
+    } catch (err) {
+      // A sparse cache file on a full filesystem: the rest of this segment has no blocks. The log
+      // goes on in another segment, which may have them (the page at key_head has: the end marker
+      // was written there), rather than fail every FLUSH from here on.
+      if (!isNoSpace(err)) throw err;
+      await this.switchSegment();
+      await this.writeKsetAtHead(keys);
+    }
+  }
+
+  private async writeKsetAtHead(keys: Key[]): Promise<void> {
     const size = ksetSize(keys.length);
     if (SEG_DATA_SIZE - this.head.off < size + KSET_HEADER_SIZE) await this.switchSegment();
     const at = dataOffset(this.physOf[this.head.seg]!, this.head.off);
@@ -174,8 +188,7 @@ export class KsetLog {
     this.hooks.written();
   }
 
-  /** Move the log to a fresh segment: end the log there first, then point to it with a LAST kset. */
-  private async switchSegment(): Promise<void> {
+  private async allocateSegment(): Promise<number> {
     let seg = this.segments.allocate(0);
     while (seg === null) {
       this.hooks.needSpace();
@@ -183,8 +196,25 @@ export class KsetLog {
       await Promise.race([this.segments.waitForFree(), new Promise((r) => setTimeout(r, 200))]);
       seg = this.segments.allocate(0);
     }
+    return seg;
+  }
+
+  /** Move the log to a fresh segment: end the log there first, then point to it with a LAST kset. */
+  private async switchSegment(): Promise<void> {
+    let seg: number;
+    for (let noSpace = 0; ; noSpace++) {
+      seg = await this.allocateSegment();
+      try {
+        await this.medium.write(LOG_END, dataOffset(this.physOf[seg]!, 0));
+        break;
+      } catch (err) {
+        this.segments.freeLogSegment(seg);
+        // No blocks for this one (a sparse file on a full filesystem): another free segment may have them.
+        if (!isNoSpace(err) || noSpace >= this.segments.n) throw err;
+        this.segments.markNoBlocks(seg);
+      }
+    }
     try {
-      await this.medium.write(LOG_END, dataOffset(this.physOf[seg]!, 0));
       // The new segment's old content must be gone before anything can lead replay into it.
       await this.sync();
       await this.medium.write(encodeLastKset(seg), dataOffset(this.physOf[this.head.seg]!, this.head.off));

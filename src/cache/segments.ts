@@ -26,10 +26,15 @@ export class Segments {
   private lastAlloc = 0;
   private waiters: Array<() => void> = [];
   private readonly pendingGens = new Set<Promise<void>>();
+  /** Retiring segments whose generation bump failed (ENOSPC on a sparse file): see retryFailedBumps. */
+  private readonly bumpFailed = new Set<number>();
+  /** Segments a write found without blocks (a sparse file on a full filesystem): allocate() skips them. */
+  private readonly noBlocks = new Set<number>();
   /** Called whenever a segment becomes free, and whenever one is invalidated (the index sweeps). */
   onFree: () => void = () => {};
   onInvalidate: (seg: number) => void = () => {};
   onError: (err: unknown) => void = () => {};
+  onNoBlocks: (seg: number) => void = () => {};
 
   constructor(medium: Medium, physOf: readonly number[], gens: readonly number[], genSlots: readonly SlotState[]) {
     this.n = physOf.length;
@@ -76,7 +81,7 @@ export class Segments {
     if (this.freeSegments <= reserve) return null;
     for (let i = 1; i <= this.n; i++) {
       const seg = (this.lastAlloc + i) % this.n;
-      if (!this.used[seg]) {
+      if (!this.used[seg] && !this.noBlocks.has(seg)) {
         this.used[seg] = 1;
         this.usedCount++;
         this.lastAlloc = seg;
@@ -148,11 +153,46 @@ export class Segments {
     // bump is durable, so that replay never takes reused data for an old key.
     this.gens[seg] = gen;
     this.onInvalidate(seg);
-    const p = this.genRecords[seg]!.store(gen).then(
+    this.storeGen(seg);
+  }
+
+  /** A write to `seg` failed for space: hand out other segments until retrySpace(). */
+  markNoBlocks(seg: number): void {
+    this.noBlocks.add(seg);
+    this.onNoBlocks(seg);
+  }
+
+  /** Whether a free segment other than those marked without blocks is left. */
+  get canAllocate(): boolean {
+    for (let seg = 0; seg < this.n; seg++) if (!this.used[seg] && !this.noBlocks.has(seg)) return true;
+    return false;
+  }
+
+  /** The filesystem may have room again: every free segment may be tried, every failed bump is retried. */
+  retrySpace(): void {
+    this.noBlocks.clear();
+    this.retryFailedBumps();
+  }
+
+  /**
+   * Writes again the generation bumps that failed. Until one lands its segment stays in use (not
+   * lost: a full filesystem under a sparse cache file gives the blocks later).
+   */
+  retryFailedBumps(): void {
+    const failed = [...this.bumpFailed];
+    this.bumpFailed.clear();
+    for (const seg of failed) this.storeGen(seg);
+  }
+
+  private storeGen(seg: number): void {
+    const p = this.genRecords[seg]!.store(this.gens[seg]!).then(
       () => {
         if (this.refs[seg] === 0 && this.pins[seg] === 0) this.release(seg);
       },
-      (err) => this.onError(err),
+      (err) => {
+        this.bumpFailed.add(seg);
+        this.onError(err);
+      },
     );
     this.pendingGens.add(p);
     void p.finally(() => this.pendingGens.delete(p));

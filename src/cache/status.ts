@@ -1,5 +1,6 @@
 import { formatPosition, type Position } from '../format/index.js';
 import type { Counters } from './core.js';
+import type { FailureNote } from './failures.js';
 
 /** dm-pcache's status fields, in its order, plus our counters. */
 export interface CacheStatus {
@@ -20,6 +21,9 @@ export interface CacheStatus {
   openKeys: number;
   writebackError: string | null;
   gcError: string | null;
+  /** The last write-back failure since open, kept after write-back recovers (writebackError clears). */
+  writebackLastError: FailureNote | null;
+  gcLastError: FailureNote | null;
   counters: Counters;
 }
 

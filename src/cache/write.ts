@@ -2,7 +2,7 @@ import { dataOffset, KEY_FLAG_CLEAN, pcacheCrc, SUBTREE_SIZE, type Key } from '.
 import type { CacheCore } from './core.js';
 import { LOG_RESERVE } from './core.js';
 import type { Extent } from './data-head.js';
-import { ioError } from './errors.js';
+import { ioError, isNoSpace } from './errors.js';
 
 /** Space at the data head; when there is none, wait for GC and write-back to free a segment. */
 export async function allocWait(core: CacheCore, want: number): Promise<Extent> {
@@ -37,6 +37,7 @@ export function commitKey(core: CacheCore, key: Key): void {
  */
 export async function writeData(core: CacheCore, off: number, data: Buffer): Promise<void> {
   let done = 0;
+  let noSpace = 0;
   while (done < data.length) {
     const pos = off + done;
     const want = Math.min(data.length - done, SUBTREE_SIZE - (pos % SUBTREE_SIZE));
@@ -48,6 +49,14 @@ export async function writeData(core: CacheCore, off: number, data: Buffer): Pro
       await core.data.write(chunk, dataOffset(core.physOf[ext.seg]!, ext.segOff));
     } catch (err) {
       core.segments.put(ext.seg);
+      // A sparse cache file on a full filesystem: this segment's blocks cannot be had, but those
+      // of segments written before can. Move on rather than fail every write in this segment.
+      if (isNoSpace(err) && noSpace++ < core.segments.n) {
+        core.head.abandon(ext.seg);
+        core.segments.markNoBlocks(ext.seg);
+        // Waiting for GC helps only if some segment holds data it can free (head and log aside).
+        if (core.segments.canAllocate || core.segments.usedSegments - core.segments.retiring > 2) continue;
+      }
       throw ioError(err, 'cache device write failed');
     }
     commitKey(core, {

@@ -75,6 +75,8 @@ export class Writeback {
   /** A dirty_tail update failed; not yet reported. */
   private persistFailed: { err: unknown } | null = null;
   lastError: string | null = null;
+  /** Told of every failed attempt, with the persisted dirty_tail it will be retried from. */
+  onError: (err: unknown, dirtyTail: Position) => void = () => {};
 
   constructor(
     private readonly core: CacheCore,
@@ -184,6 +186,7 @@ export class Writeback {
   private failed(err: unknown): number {
     this.core.stats.writebackErrors++;
     this.lastError = err instanceof Error ? err.message : String(err);
+    this.onError(err, this.dirtyTailPos);
     this.backoff = Math.min(BACKOFF_MAX_MS, Math.max(BACKOFF_MIN_MS, this.backoff * 2));
     return this.backoff;
   }

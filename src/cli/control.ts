@@ -3,12 +3,13 @@
  * in the runtime directory named from the device's real path; commands connect, send one JSON
  * line, and read JSON lines back (progress, then one result).
  */
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { ensureRunDir, runDir } from '../media/lock.js';
-import { CliError } from './errors.js';
+import { CliError, UsageError } from './errors.js';
 
 export interface ControlRequest {
   cmd: string;
@@ -33,19 +34,82 @@ export type ControlReply = ControlResult | ControlProgress;
 export type ControlHandler = (req: ControlRequest, progress: (data: unknown) => void) => Promise<ControlResult>;
 
 export async function controlSocketPath(cacheDev: string): Promise<string> {
-  let real: string;
+  let st;
   try {
-    real = await fsp.realpath(cacheDev);
+    st = await fsp.stat(cacheDev, { bigint: true });
   } catch {
     throw new CliError(`cache device ${cacheDev} does not exist`);
   }
-  // Unix socket paths are short (108 bytes): a hash names the device, not its path.
-  const hash = createHash('sha256').update(real).digest('hex').slice(0, 24);
+  // Named after what the device is, not the path used: a hard link, a symlink or a relative path
+  // to the device all find its server. Unix socket paths are short (108 bytes): a hash it is.
+  const id = st.isBlockDevice() ? `block ${st.rdev}` : `file ${st.dev} ${st.ino}`;
+  const hash = createHash('sha256').update(id).digest('hex').slice(0, 24);
   return join(runDir(), `pcache-${hash}.sock`);
 }
 
-export async function startControlServer(cacheDev: string, handle: ControlHandler): Promise<{ path: string; close(): Promise<void> }> {
-  await ensureRunDir();
+/** Who may connect to the sockets a server creates: owner-only (0600) unless the operator says. */
+export interface SocketAccess {
+  mode: number;
+  /** A group id to give the sockets (and the runtime directory) to. */
+  group?: number;
+}
+
+export const PRIVATE_SOCKETS: SocketAccess = { mode: 0o600 };
+
+/** `--socket-mode` (octal, e.g. 0660) and `--socket-group` (a name or a number). */
+export function parseSocketAccess(modeText: string | undefined, groupText: string | undefined): SocketAccess {
+  let mode = PRIVATE_SOCKETS.mode;
+  if (modeText !== undefined) {
+    if (!/^0?[0-7]{3}$/.test(modeText)) throw new UsageError(`--socket-mode takes an octal mode such as 0660, not '${modeText}'`);
+    mode = parseInt(modeText, 8);
+    if ((mode & 0o600) !== 0o600) throw new UsageError(`--socket-mode ${modeText} must let the owner read and write (0600)`);
+  }
+  return groupText === undefined ? { mode } : { mode, group: resolveGroup(groupText) };
+}
+
+function resolveGroup(text: string): number {
+  if (/^\d+$/.test(text)) return Number(text);
+  let line = '';
+  try {
+    // getent asks NSS as the C library would (files, LDAP, ...); Node has no getgrnam().
+    line = execFileSync('getent', ['group', text], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+  } catch {
+    throw new UsageError(`--socket-group: no group named '${text}'`);
+  }
+  const gid = Number(line.split(':')[2]);
+  if (!Number.isSafeInteger(gid)) throw new UsageError(`--socket-group: cannot read the id of group '${text}'`);
+  return gid;
+}
+
+/**
+ * Runs `listen` (which creates a unix socket at `path`) so that the socket is never reachable
+ * by others, whatever the umask, then gives it `access`. The umask is the only way to set the
+ * mode a socket is created with; it is tightened only for the duration of the call.
+ */
+export async function listenPrivately<T>(path: string, access: SocketAccess, listen: () => Promise<T>): Promise<T> {
+  const old = process.umask(0o077);
+  let result: T;
+  try {
+    result = await listen();
+  } finally {
+    process.umask(old);
+  }
+  await fsp.chmod(path, access.mode);
+  if (access.group !== undefined) await fsp.chown(path, -1, access.group);
+  return result;
+}
+
+/** Search bits on the runtime directory for those the sockets' mode lets in. */
+function runDirExtraMode(access: SocketAccess): number {
+  return (access.mode & 0o060 ? 0o010 : 0) | (access.mode & 0o006 ? 0o001 : 0);
+}
+
+export async function startControlServer(
+  cacheDev: string,
+  handle: ControlHandler,
+  access: SocketAccess = PRIVATE_SOCKETS,
+): Promise<{ path: string; close(): Promise<void> }> {
+  await ensureRunDir(runDirExtraMode(access), access.group);
   const path = await controlSocketPath(cacheDev);
   // The caller holds the device lock, so a socket left here belongs to a dead server.
   await fsp.rm(path, { force: true });
@@ -88,13 +152,18 @@ export async function startControlServer(cacheDev: string, handle: ControlHandle
       );
     });
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(path, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
+  await listenPrivately(
+    path,
+    access,
+    () =>
+      new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(path, () => {
+          server.off('error', reject);
+          resolve();
+        });
+      }),
+  );
   return {
     path,
     close: async () => {

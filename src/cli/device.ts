@@ -1,13 +1,12 @@
 import { promises as fsp } from 'node:fs';
-import type { Medium } from '../media/medium.js';
-import { openFileMedium } from '../media/file.js';
+import { openFileMedium, type FileMedium } from '../media/file.js';
 import { CliError } from './errors.js';
 
 /**
  * Open an existing cache device. A missing path gets its own message: pcache never creates a
  * cache device by itself (a mistyped path must not become a new file).
  */
-export async function openCacheDevice(path: string, opts: { readOnly: boolean }): Promise<Medium> {
+export async function openCacheDevice(path: string, opts: { readOnly: boolean }): Promise<FileMedium> {
   try {
     await fsp.stat(path);
   } catch (err) {
@@ -20,7 +19,7 @@ export async function openCacheDevice(path: string, opts: { readOnly: boolean })
 }
 
 /** Run `fn` on the open device and always close it. */
-export async function withCacheDevice<T>(path: string, opts: { readOnly: boolean }, fn: (m: Medium) => Promise<T>): Promise<T> {
+export async function withCacheDevice<T>(path: string, opts: { readOnly: boolean }, fn: (m: FileMedium) => Promise<T>): Promise<T> {
   const medium = await openCacheDevice(path, opts);
   try {
     return await fn(medium);

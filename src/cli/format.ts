@@ -3,22 +3,26 @@ import { isBlank } from '../cache/meta.js';
 import { CACHE_MODES, FormatError, GC_PERCENT_DEFAULT, GC_PERCENT_MAX, MiB, MIN_CACHE_DEV_SIZE, SEG_SIZE, type CacheMode } from '../format/index.js';
 import { parseArgs, parseIntOption } from './args.js';
 import type { Command } from './command.js';
+import { SPARSE_RISK } from '../media/space.js';
 import { withCacheDevice } from './device.js';
 import { CliError, EXIT_OK, UsageError } from './errors.js';
 
 const SUPPORTED_MODES: readonly CacheMode[] = ['writeback'];
 
-const help = `usage: pcache format <cache-dev> [--data-crc] [--cache-mode writeback] [--gc-percent N] [--force]
+const help = `usage: pcache format <cache-dev> [--data-crc] [--cache-mode writeback] [--gc-percent N] [--force] [--sparse]
 
 Lay out a fresh, empty cache on <cache-dev> (a file or a block device of at least 512 MiB),
 exactly as dm-pcache does on first use. The path must exist: for a file, create it first,
-e.g. truncate -s 4G cache.img.
+e.g. truncate -s 4G cache.img. A file is given all its blocks first (fallocate), so that the
+cache never meets a full filesystem; if the filesystem cannot hold it, nothing is written and
+the message says how much space is free.
 
   --data-crc          store a CRC of every cached extent and verify it at start-up
   --cache-mode MODE   only writeback is supported (the default)
   --gc-percent N      start garbage collection when N% of the segments are in use
                       (0..${GC_PERCENT_MAX}, default ${GC_PERCENT_DEFAULT})
   --force             format even if the device already holds a cache (its content is lost)
+  --sparse            leave a file sparse (as truncate made it); the risk: ${SPARSE_RISK}
 `;
 
 const spec = {
@@ -26,6 +30,7 @@ const spec = {
   'cache-mode': { type: 'string', value: 'MODE' },
   'gc-percent': { type: 'string', value: 'N' },
   force: { type: 'boolean' },
+  sparse: { type: 'boolean' },
 } as const;
 
 async function run(argv: string[], io: Parameters<Command['run']>[1]): Promise<number> {
@@ -50,6 +55,7 @@ async function run(argv: string[], io: Parameters<Command['run']>[1]): Promise<n
     if (medium.size() >= MIN_CACHE_DEV_SIZE && !args.options.force && !(await isBlank(medium))) {
       throw new CliError(`${path} already holds a formatted cache (its superblock magic is set); use --force to format it anyway`);
     }
+    if (medium.size() >= MIN_CACHE_DEV_SIZE && args.options.sparse !== true) await medium.allocate();
     const result = await formatCache(medium, { dataCrc, mode, gcPercent });
     if (result instanceof FormatError) throw new CliError(result.message);
     io.out(

@@ -1,4 +1,5 @@
 /** Commands that talk to a running `pcache serve` through its control socket. */
+import { describeFailure, type FailureNote } from '../cache/failures.js';
 import type { CliIo, Command } from './command.js';
 import { promises as fsp } from 'node:fs';
 import { controlRequest, controlSocketPath, type ControlResult } from './control.js';
@@ -93,6 +94,10 @@ const statsCommand: Command = {
     const lines: string[] = [];
     for (const [k, v] of Object.entries(d)) {
       if (k === 'counters' || k === 'nbd' || k === 'backing') continue;
+      if (k.endsWith('LastError')) {
+        lines.push(`${k}: ${v === null ? 'none' : describeFailure(v as FailureNote)}`);
+        continue;
+      }
       lines.push(`${k}: ${typeof v === 'object' && v !== null ? Object.values(v).join(':') : String(v)}`);
     }
     for (const [k, v] of Object.entries(d.counters)) lines.push(`${k}: ${v}`);

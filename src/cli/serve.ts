@@ -3,13 +3,16 @@ import { resolve as resolvePath } from 'node:path';
 import type { BackingDevice } from '../backing/backing.js';
 import { openBacking } from '../backing/open.js';
 import { Cache } from '../cache/cache.js';
+import { isBlank } from '../cache/meta.js';
+import { createLogger } from '../log.js';
 import { statusFields } from '../cache/status.js';
-import { openFileMedium } from '../media/file.js';
-import type { Medium } from '../media/medium.js';
-import { createNbdServer, type NbdServer } from '../nbd/server.js';
-import { parseArgs } from './args.js';
+import { openFileMedium, type FileMedium } from '../media/file.js';
+import { SPARSE_RISK } from '../media/space.js';
+import { createNbdServer, DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS, type NbdServer } from '../nbd/server.js';
+import { loadServerTls, TlsConfigError, type ServerTls, type TlsMode } from '../nbd/tls.js';
+import { parseArgs, parseIntOption } from './args.js';
 import type { CliIo, Command } from './command.js';
-import { startControlServer, type ControlRequest, type ControlResult } from './control.js';
+import { listenPrivately, parseSocketAccess, startControlServer, type ControlRequest, type ControlResult, type SocketAccess } from './control.js';
 import { CliError, UsageError } from './errors.js';
 import { parseGcPercentMessage, parseTableOptions, type TableOptions } from './table.js';
 
@@ -20,23 +23,55 @@ export const DEFAULT_BACKING_SIZE = 4 * GiB;
 const DEFAULT_PORT = 10809;
 
 const HELP = `usage: pcache serve [<cache-dev> <backing-dev> [<n> [cache_mode writeback] [data_crc true|false]]]
-                    [--listen HOST:PORT | --socket PATH] [--export NAME]
+                    [--listen HOST:PORT | --socket PATH] [--export NAME] [--sparse]
+                    [--socket-mode MODE] [--socket-group GROUP]
 
 Serve <backing-dev> cached by <cache-dev> over NBD. The options after the devices are
 dm-pcache's table options, word for word. With no devices, serve an embedded default:
-./${DEFAULT_DIR}/cache.img (1 GiB) in front of ./${DEFAULT_DIR}/backing.img (4 GiB), both
-sparse, created when missing. <backing-dev> is a file, a block device or an NBD export
+./${DEFAULT_DIR}/cache.img (1 GiB) in front of ./${DEFAULT_DIR}/backing.img (4 GiB, sparse),
+created when missing. <backing-dev> is a file, a block device or an NBD export
 (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), reconnected if the connection drops.
 
   --listen HOST:PORT  TCP address (default 127.0.0.1:${DEFAULT_PORT})
   --socket PATH       listen on a unix socket instead
   --export NAME       export name (default: the empty default export)
+  --sparse            on first start, leave a blank cache file sparse instead of allocating
+                      all its blocks (fallocate); the risk: ${SPARSE_RISK}
+  --socket-mode MODE  mode of the unix sockets (control, and --socket's): default 0600,
+                      owner only, whatever the umask; e.g. 0660 with --socket-group
+  --socket-group GROUP  group of the unix sockets (a name or a number)
+  --read-only         clients may only read (writes, trims and zeroing fail with EPERM);
+                      the cache still replays and writes back what it holds
+  --max-connections N clients at once, handshaking ones included (default ${DEFAULT_MAX_CONNECTIONS})
+  --handshake-timeout S  drop a client that has not finished negotiating after S seconds
+                      (default ${DEFAULT_HANDSHAKE_TIMEOUT_MS / 1000})
+  --tls off|on|require  NBD STARTTLS: on offers it, require refuses clients without it
+                      (default off; on/require need one of the two below)
+  --tls-psk FILE      pre-shared keys, username:hexkey lines (nbdkit's and psktool's format)
+  --tls-certificates DIR  X.509: DIR/server-cert.pem, DIR/server-key.pem (DIR/ca-cert.pem)
+
+A cache device is owned by one pcache at a time: an OS lock on the open device (a loop device's
+file too) refuses a second server or tool on it, by whatever path, hard link or runtime
+directory; a file or block device as backing device is claimed the same way.
+
+Clients over TLS: nbds://HOST:PORT/EXPORT?tls-psk-file=FILE&tls-username=USER (libnbd).
+A TCP address other than loopback without --tls require gets a warning: anyone who can reach
+it can read and write the device.
 `;
 
 const SPEC = {
   listen: { type: 'string', value: 'HOST:PORT' },
   socket: { type: 'string', value: 'PATH' },
   export: { type: 'string', value: 'NAME' },
+  sparse: { type: 'boolean' },
+  'socket-mode': { type: 'string', value: 'MODE' },
+  'socket-group': { type: 'string', value: 'GROUP' },
+  'read-only': { type: 'boolean' },
+  'max-connections': { type: 'string', value: 'N' },
+  'handshake-timeout': { type: 'string', value: 'S' },
+  tls: { type: 'string', value: 'off|on|require' },
+  'tls-psk': { type: 'string', value: 'FILE' },
+  'tls-certificates': { type: 'string', value: 'DIR' },
 } as const;
 
 export interface ServeConfig {
@@ -47,6 +82,29 @@ export interface ServeConfig {
   listen: { host: string; port: number } | null;
   socket: string | null;
   exportName: string;
+  /** Leave a blank cache file sparse on first start. */
+  sparse: boolean;
+  socketAccess: SocketAccess;
+  readOnly: boolean;
+  maxConnections: number;
+  handshakeTimeoutMs: number;
+  tls: { mode: TlsMode; pskFile?: string; certificatesDir?: string };
+}
+
+function parseTlsMode(text: string | undefined): TlsMode {
+  if (text === undefined) return 'off';
+  if (text === 'off' || text === 'on' || text === 'require') return text;
+  throw new UsageError(`--tls takes off, on or require, not '${text}'`);
+}
+
+function parseSeconds(name: string, text: string): number {
+  const n = Number(text);
+  if (!/^\d+(\.\d+)?$/.test(text.trim()) || !(n > 0) || n > 86400) throw new UsageError(`--${name} takes seconds (more than 0, at most 86400), not '${text}'`);
+  return Math.round(n * 1000);
+}
+
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host) || /^::ffff:127\./i.test(host);
 }
 
 function parseListen(text: string): { host: string; port: number } {
@@ -73,6 +131,16 @@ export function parseServeArgs(argv: readonly string[]): ServeConfig {
     listen: options.socket !== undefined ? null : parseListen(options.listen ?? `127.0.0.1:${DEFAULT_PORT}`),
     socket: options.socket ?? null,
     exportName: options.export ?? '',
+    sparse: options.sparse === true,
+    socketAccess: parseSocketAccess(options['socket-mode'], options['socket-group']),
+    readOnly: options['read-only'] === true,
+    maxConnections: options['max-connections'] === undefined ? DEFAULT_MAX_CONNECTIONS : parseIntOption('max-connections', options['max-connections'], 1, 65536),
+    handshakeTimeoutMs: options['handshake-timeout'] === undefined ? DEFAULT_HANDSHAKE_TIMEOUT_MS : parseSeconds('handshake-timeout', options['handshake-timeout']),
+    tls: {
+      mode: parseTlsMode(options.tls),
+      ...(options['tls-psk'] !== undefined ? { pskFile: options['tls-psk'] } : {}),
+      ...(options['tls-certificates'] !== undefined ? { certificatesDir: options['tls-certificates'] } : {}),
+    },
   };
 }
 
@@ -115,11 +183,17 @@ function connectHelp(cfg: ServeConfig, addr: string, uri: string): string {
 
 /** A running server: the cache, the NBD listener and the control socket, and their shutdown. */
 export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Promise<number>; stop(force: boolean): void; uri: string }> {
+  let tls: ServerTls | null;
+  try {
+    tls = loadServerTls(cfg.tls);
+  } catch (err) {
+    throw err instanceof TlsConfigError ? new CliError(err.message) : err;
+  }
   if (cfg.embedded) {
     const made = [await ensureSparse(cfg.cacheDev, DEFAULT_CACHE_SIZE), await ensureSparse(cfg.backingDev, DEFAULT_BACKING_SIZE)];
-    if (made.some(Boolean)) io.err(`pcache: created ${DEFAULT_DIR}/cache.img (1 GiB) and ${DEFAULT_DIR}/backing.img (4 GiB), sparse\n`);
+    if (made.some(Boolean)) io.err(`pcache: created ${DEFAULT_DIR}/cache.img (1 GiB) and ${DEFAULT_DIR}/backing.img (4 GiB, sparse)\n`);
   }
-  let medium: Medium | undefined;
+  let medium: FileMedium | undefined;
   let backing: BackingDevice | undefined;
   let cache: Cache | undefined;
   let nbd: NbdServer | undefined;
@@ -138,8 +212,18 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
     }
     medium = await openFileMedium(cfg.cacheDev);
     backing = await openBacking(cfg.backingDev, { nbd: { log: (m) => io.err(`pcache: ${m}\n`) } });
-    cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode });
-    nbd = createNbdServer({ device: cache, exportName: cfg.exportName, description: `pcache: ${cfg.backingDev} cached by ${cfg.cacheDev}` });
+    // First start formats a blank device: a cache file gets all its blocks first (see --sparse).
+    if (!cfg.sparse && !medium.isBlockDevice && (await isBlank(medium))) await medium.allocate();
+    cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode, logger: createLogger() });
+    nbd = createNbdServer({
+      device: cache,
+      exportName: cfg.exportName,
+      description: `pcache: ${cfg.backingDev} cached by ${cfg.cacheDev}`,
+      readOnly: cfg.readOnly,
+      maxConnections: cfg.maxConnections,
+      handshakeTimeoutMs: cfg.handshakeTimeoutMs,
+      tls,
+    });
   } catch (err) {
     await cache?.close().catch(() => undefined);
     await release();
@@ -197,16 +281,23 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
   let addr: string;
   let uri: string;
   try {
-    control = await startControlServer(cfg.cacheDev, handle);
+    control = await startControlServer(cfg.cacheDev, handle, cfg.socketAccess);
     if (cfg.socket) {
-      await theNbd.listenUnix(cfg.socket);
+      const socket = cfg.socket;
+      await listenPrivately(socket, cfg.socketAccess, () => theNbd.listenUnix(socket));
       addr = cfg.socket;
-      uri = `nbd+unix:///${cfg.exportName}?socket=${resolvePath(cfg.socket)}`;
+      uri = `${tls?.mode === 'require' ? 'nbds' : 'nbd'}+unix:///${cfg.exportName}?socket=${resolvePath(cfg.socket)}`;
     } else {
       const a = await theNbd.listenTcp(cfg.listen!.host, cfg.listen!.port);
       addr = `${a.host}:${a.port}`;
       const host = a.host.includes(':') ? `[${a.host}]` : a.host;
-      uri = `nbd://${host}:${a.port}/${cfg.exportName}`;
+      uri = `${tls?.mode === 'require' ? 'nbds' : 'nbd'}://${host}:${a.port}/${cfg.exportName}`;
+      if (!isLoopback(a.host) && tls?.mode !== 'require') {
+        io.err(
+          `pcache: warning: listening on ${addr} ${tls ? 'with TLS optional (--tls on)' : 'without TLS'}: anyone who can reach it can ` +
+            `${cfg.readOnly ? 'read' : 'read and write'} the device; use --tls require with --tls-psk or --tls-certificates\n`,
+        );
+      }
     }
   } catch (err) {
     await theNbd.close({ force: true }).catch(() => undefined);

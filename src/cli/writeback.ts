@@ -1,6 +1,6 @@
 import { promises as fsp } from 'node:fs';
 import type { BackingDevice } from '../backing/backing.js';
-import { isNbdUri, openBacking } from '../backing/open.js';
+import { foreignScheme, isNbdUri, openBacking } from '../backing/open.js';
 import { Cache } from '../cache/cache.js';
 import { CacheError } from '../cache/errors.js';
 import { isBlank, loadMeta } from '../cache/meta.js';
@@ -82,7 +82,7 @@ class Progress {
 }
 
 async function openBackingDevice(spec: string): Promise<BackingDevice> {
-  if (!isNbdUri(spec)) {
+  if (!isNbdUri(spec) && foreignScheme(spec) === null) {
     try {
       await fsp.stat(spec);
     } catch (err) {

@@ -5,24 +5,27 @@
 import { constants, promises as fsp, readSync, writeSync, writevSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
+import { devMajorMinor, lockDescriptor, type LockMode } from './lock.js';
+
+export { devMajorMinor };
 
 export interface OpenDeviceOptions {
   /** Role for messages, e.g. 'cache device'. */
   what: string;
   readOnly?: boolean;
+  /**
+   * The OS lock to take on the descriptor (lock.ts): exclusive for an owner that writes, shared
+   * for a reader; none when omitted. An exclusive lock needs the device open for writing.
+   */
+  lock?: LockMode;
 }
 
 export interface OpenedDevice {
   fh: FileHandle;
+  /** Descriptors held only for their locks (the file behind a loop device); close them with fh. */
+  extra: FileHandle[];
   size: number;
   isBlockDevice: boolean;
-}
-
-/** Splits a Linux dev_t as glibc's major()/minor() do; BigInt because dev_t is 64 bits. */
-export function devMajorMinor(rdev: bigint): { major: number; minor: number } {
-  const major = ((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & 0xfffff000n);
-  const minor = (rdev & 0xffn) | ((rdev >> 12n) & 0xffffff00n);
-  return { major: Number(major), minor: Number(minor) };
 }
 
 /**
@@ -50,7 +53,13 @@ export function checkRange(label: string, op: 'read' | 'write', offset: number, 
 
 export async function openDevice(path: string, opts: OpenDeviceOptions): Promise<OpenedDevice> {
   const label = `${opts.what} ${path}`;
-  const st = await fsp.stat(path);
+  if (opts.lock === 'exclusive' && opts.readOnly) throw new Error(`${label}: an exclusive claim needs the device open for writing`);
+  let st;
+  try {
+    st = await fsp.stat(path);
+  } catch (err) {
+    throw describeOpenError(err, label);
+  }
   let flags = opts.readOnly ? constants.O_RDONLY : constants.O_RDWR;
   // On a block device O_EXCL without O_CREAT fails if anyone else holds it exclusively or has it mounted.
   if (st.isBlockDevice()) flags |= constants.O_EXCL;
@@ -66,18 +75,58 @@ export async function openDevice(path: string, opts: OpenDeviceOptions): Promise
         cause: err,
       });
     }
-    throw err;
+    throw describeOpenError(err, label);
   }
+  const extra: FileHandle[] = [];
   try {
     const fst = await fh.stat({ bigint: true });
     // The path may have been replaced between stat and open; only trust what the descriptor is.
     if (fst.isBlockDevice() !== st.isBlockDevice()) throw new Error(`${label} changed while being opened`);
+    if (opts.lock) {
+      await lockDescriptor(fh.fd, opts.lock, label);
+      // A loop device is another name for its file: whoever has the file must see this claim too.
+      const file = fst.isBlockDevice() ? await loopBackingFile(fst.rdev) : null;
+      if (file) extra.push(await lockLoopFile(file, opts, label));
+    }
     const size = fst.isBlockDevice() ? await blockDeviceSize(fst.rdev) : Number(fst.size);
-    return { fh, size, isBlockDevice: fst.isBlockDevice() };
+    return { fh, size, isBlockDevice: fst.isBlockDevice(), extra };
+  } catch (err) {
+    for (const x of extra) await x.close().catch(() => undefined);
+    await fh.close();
+    throw err;
+  }
+}
+
+/** The file behind a loop device, or null for any other block device. */
+async function loopBackingFile(rdev: bigint, sysRoot = '/sys'): Promise<string | null> {
+  const { major, minor } = devMajorMinor(rdev);
+  try {
+    const text = (await fsp.readFile(`${sysRoot}/dev/block/${major}:${minor}/loop/backing_file`, 'utf8')).trim();
+    return text === '' ? null : text;
+  } catch {
+    return null;
+  }
+}
+
+async function lockLoopFile(file: string, opts: OpenDeviceOptions, label: string): Promise<FileHandle> {
+  // The kernel may report a file deleted since; then nobody else can open it by path either.
+  const fh = await fsp.open(file, opts.lock === 'shared' ? constants.O_RDONLY : constants.O_RDWR);
+  try {
+    await lockDescriptor(fh.fd, opts.lock!, `${label} (a loop device over ${file})`);
+    return fh;
   } catch (err) {
     await fh.close();
     throw err;
   }
+}
+
+/** One line for the user instead of a raw "ENOENT: no such file or directory, stat 'x'". */
+function describeOpenError(err: unknown, label: string): Error {
+  const code = (err as NodeJS.ErrnoException).code;
+  const reason =
+    code === 'ENOENT' ? 'no such file' : code === 'EACCES' || code === 'EPERM' ? 'permission denied' : code === 'ENOTDIR' ? 'a part of the path is not a directory' : null;
+  if (reason === null) return err as Error;
+  return Object.assign(new Error(`${label}: ${reason}`), { code, cause: err });
 }
 
 /** Creates a sparse regular file of `size` bytes unless `path` already exists (then it is left alone). */

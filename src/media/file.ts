@@ -1,7 +1,7 @@
 /** The cache device on a regular file or a block device. */
 import type { FileHandle } from 'node:fs/promises';
 import { asBuffers, checkRange, createIfMissing, openDevice, readAt, totalLength, writeAt } from './blockdev.js';
-import { acquireDeviceLock, type DeviceLock } from './lock.js';
+import { allocateFile } from './space.js';
 import type { Medium } from './medium.js';
 
 export interface FileMediumOptions {
@@ -9,7 +9,10 @@ export interface FileMediumOptions {
   create?: boolean;
   sizeIfCreate?: number;
   readOnly?: boolean;
-  /** Claim the device against other pcache instances (default true). */
+  /**
+   * Claim the device with an OS lock on its descriptor (default true): exclusive when open for
+   * writing, shared when read-only, so readers may share it and nobody shares it with a writer.
+   */
   lock?: boolean;
 }
 
@@ -23,23 +26,27 @@ export class FileMedium implements Medium {
     private readonly bytes: number,
     readonly isBlockDevice: boolean,
     readonly readOnly: boolean,
-    private readonly lock: DeviceLock | null,
+    /** Held only for their locks (the file behind a loop device). */
+    private readonly extra: readonly FileHandle[],
   ) {
     this.label = `cache device ${path}`;
   }
 
   static async open(path: string, opts: FileMediumOptions = {}): Promise<FileMedium> {
-    // Taking the lock needs the path to exist, and creating is harmless to a running owner.
-    let lock: DeviceLock | null = null;
     if (opts.create) await createIfMissing(path, opts.sizeIfCreate, `cache device ${path}`);
-    if (opts.lock ?? true) lock = await acquireDeviceLock(path, 'cache device');
-    try {
-      const dev = await openDevice(path, { what: 'cache device', readOnly: opts.readOnly });
-      return new FileMedium(path, dev.fh, dev.size, dev.isBlockDevice, opts.readOnly ?? false, lock);
-    } catch (err) {
-      await lock?.release();
-      throw err;
-    }
+    const lock = (opts.lock ?? true) ? (opts.readOnly ? 'shared' : 'exclusive') : undefined;
+    const dev = await openDevice(path, { what: 'cache device', readOnly: opts.readOnly, lock });
+    return new FileMedium(path, dev.fh, dev.size, dev.isBlockDevice, opts.readOnly ?? false, dev.extra);
+  }
+
+  /**
+   * Give a regular file all its blocks now (fallocate), so that no later write can fail for
+   * space; a block device has them already.
+   */
+  async allocate(): Promise<void> {
+    this.usable();
+    if (this.isBlockDevice) return;
+    await allocateFile(this.fh.fd, this.bytes, this.label);
   }
 
   size(): number {
@@ -73,7 +80,7 @@ export class FileMedium implements Medium {
     try {
       await this.fh.close();
     } finally {
-      await this.lock?.release();
+      for (const x of this.extra) await x.close().catch(() => undefined);
     }
   }
 

@@ -1,166 +1,136 @@
 /**
- * One pcache per cache device. Node has no flock(), so the claim is a pid file in the runtime
- * directory, keyed by the device's real path; a file left by a dead process is taken over.
+ * Who owns a device. The claim is an OS lock (on Linux an open-file-description lock, fcntl
+ * F_OFD_SETLK) on the descriptor the device is open on. It belongs to the inode, so every path,
+ * hard link, container and run directory sees it, and the kernel drops it with the descriptor,
+ * however the process ends: there is nothing stale to take over.
+ *
+ * The runtime directory (PCACHE_RUN_DIR, /run/pcache) only says where a server's control socket
+ * is; it no longer decides who owns a device.
  */
-import { createHash, randomBytes } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
-import { basename, join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
+import { promises as fsp, fstatSync } from 'node:fs';
+import { join } from 'node:path';
+import fsx from 'fs-native-extensions';
 
-export interface DeviceLock {
-  /** The device path as the caller gave it. */
-  readonly device: string;
-  /** The lock file. */
-  readonly file: string;
-  /** Removes the lock file; safe to call more than once. */
-  release(): Promise<void>;
+/** Splits a Linux dev_t as glibc's major()/minor() do; BigInt because dev_t is 64 bits. */
+export function devMajorMinor(rdev: bigint): { major: number; minor: number } {
+  const major = ((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & 0xfffff000n);
+  const minor = (rdev & 0xffn) | ((rdev >> 12n) & 0xffffff00n);
+  return { major: Number(major), minor: Number(minor) };
 }
 
-/** Where pcache keeps lock files and control sockets. */
+/** exclusive: pcache serve and every tool that writes; shared: the tools that only read. */
+export type LockMode = 'exclusive' | 'shared';
+
+/** Where pcache keeps control sockets. */
 export function runDir(): string {
   return process.env.PCACHE_RUN_DIR || '/run/pcache';
 }
 
-export async function ensureRunDir(): Promise<string> {
+/**
+ * Creates the runtime directory owner-only (0700, whatever the umask), or tightens one we own.
+ * `extraMode` adds search bits for operators who give a group access to the sockets inside.
+ * A shared directory (sticky or writable by all, such as /tmp given as PCACHE_RUN_DIR) is left
+ * as it is: the sockets in it are private by their own mode.
+ */
+export async function ensureRunDir(extraMode = 0, group?: number): Promise<string> {
   const dir = runDir();
-  await fsp.mkdir(dir, { recursive: true });
+  const created = await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+  const st = await fsp.stat(dir);
+  const shared = (st.mode & 0o1002) !== 0;
+  if (created !== undefined || (!shared && typeof process.getuid === 'function' && st.uid === process.getuid())) {
+    // mkdir's mode is filtered by the umask, and a directory made by an older pcache may be 0755.
+    await fsp.chmod(dir, 0o700 | (extraMode & 0o011));
+    if (group !== undefined) await fsp.chown(dir, st.uid, group);
+  }
   return dir;
 }
 
-/** The lock file for a device; the hash keeps names short and unique, the basename readable. */
-export async function lockFilePath(device: string): Promise<string> {
-  return lockFileFor(await fsp.realpath(device));
+export interface LockHolder {
+  pid: number;
+  /** The holder's command line, shortened; '' when it cannot be read. */
+  command: string;
+  isPcache: boolean;
 }
 
-function lockFileFor(real: string): string {
-  const hash = createHash('sha256').update(real).digest('hex').slice(0, 32);
-  const readable = basename(real).replace(/[^\w.-]/g, '_').slice(0, 48);
-  return join(runDir(), `${readable}-${hash}.lock`);
-}
-
-// The pid file cannot tell two opens in one process apart, so they are refused here.
-const heldHere = new Set<string>();
-
-const ATTEMPTS = 8;
-
-export async function acquireDeviceLock(device: string, what = 'cache device'): Promise<DeviceLock> {
-  const real = await fsp.realpath(device);
-  if (heldHere.has(real)) {
-    throw busy(`${what} ${device} is already open in this process (pid ${process.pid})`);
-  }
-  heldHere.add(real);
+/**
+ * Takes the OS lock on an open descriptor, or throws EBUSY naming who holds it. `label` names
+ * the device in messages, e.g. 'cache device /dev/sdb'.
+ */
+export async function lockDescriptor(fd: number, mode: LockMode, label: string): Promise<void> {
+  let taken: boolean;
   try {
-    await ensureRunDir();
-    const file = lockFileFor(real);
-    await take(file, `${process.pid}\n${real}\n`, `${what} ${device}`);
-    return new HeldLock(device, real, file);
+    taken = fsx.tryLock(fd, { shared: mode === 'shared' });
   } catch (err) {
-    heldHere.delete(real);
-    throw err;
+    // Running unguarded on a filesystem without locks would bring back the two-owner data loss.
+    const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
+    throw Object.assign(new Error(`${label}: cannot lock it (${code}): the filesystem does not support file locks`), { code, cause: err });
   }
+  if (taken) return;
+  const st = fstatSync(fd, { bigint: true });
+  const holders = await lockHolders(st.dev, st.ino);
+  throw Object.assign(new Error(`${label} is in use by ${describeHolders(holders)}`), { code: 'EBUSY' });
 }
 
-class HeldLock implements DeviceLock {
-  private released = false;
+export function describeHolders(holders: readonly LockHolder[]): string {
+  const h = holders.find((x) => x.pid !== process.pid) ?? holders[0];
+  if (!h) return 'another pcache or program (it holds a lock on the device)';
+  if (h.pid === process.pid) return `this process (pid ${h.pid}): it is already open here`;
+  return `another ${h.isPcache ? 'pcache' : 'program'} (pid ${h.pid}${h.command ? `: ${h.command}` : ''})`;
+}
 
-  constructor(
-    readonly device: string,
-    private readonly real: string,
-    readonly file: string,
-  ) {}
+/** Bounds the scan of /proc on a machine with very many open files. */
+const MAX_FDINFO_READS = 50_000;
 
-  async release(): Promise<void> {
-    if (this.released) return;
-    this.released = true;
+/**
+ * The processes holding a lock on the inode (dev, ino). An OFD lock records no pid (/proc/locks
+ * shows -1), but /proc/PID/fdinfo/FD lists the locks held through each descriptor, as
+ * "lock: 1: OFDLCK ADVISORY WRITE -1 MAJ:MIN:INO 0 EOF". Only processes this one may inspect
+ * (its own user's, or all as root) and in its pid namespace are found.
+ */
+export async function lockHolders(dev: bigint, ino: bigint, procRoot = '/proc'): Promise<LockHolder[]> {
+  const { major, minor } = devMajorMinor(dev);
+  const needle = ` ${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}:${ino} `;
+  const found: LockHolder[] = [];
+  let reads = 0;
+  let pids: string[];
+  try {
+    pids = (await fsp.readdir(procRoot)).filter((p) => /^\d+$/.test(p));
+  } catch {
+    return found;
+  }
+  for (const pid of pids) {
+    let fds: string[];
     try {
-      const now = await readLock(this.file);
-      if (now?.pid === process.pid) await fsp.rm(this.file, { force: true });
-    } finally {
-      // Only after the file is gone: until then a new open here would see our pid and break it.
-      heldHere.delete(this.real);
+      fds = await fsp.readdir(join(procRoot, pid, 'fdinfo'));
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      if (++reads > MAX_FDINFO_READS) return found;
+      let info: string;
+      try {
+        info = await fsp.readFile(join(procRoot, pid, 'fdinfo', fd), 'utf8');
+      } catch {
+        continue;
+      }
+      if (!info.split('\n').some((l) => l.startsWith('lock:') && l.includes(needle))) continue;
+      found.push({ pid: Number(pid), ...(await commandOf(procRoot, pid)) });
+      break;
     }
   }
+  return found;
 }
 
-async function take(file: string, content: string, label: string): Promise<void> {
-  for (let attempt = 0; attempt < ATTEMPTS; attempt++) {
-    if (attempt > 0) await sleep(10 * attempt);
-    if (await publish(file, content)) return;
-    const owner = await readLock(file);
-    if (!owner) continue; // released between our attempt and the read
-    if (owner.pid !== null && owner.pid !== process.pid && isAlive(owner.pid)) {
-      throw busy(`${label} is in use by another pcache (pid ${owner.pid})`);
-    }
-    // Dead owner, garbage, or our own pid left by an earlier process that had it.
-    await breakStale(file, owner.raw);
-  }
-  throw busy(`${label}: could not take the lock file ${file} after ${ATTEMPTS} attempts`);
-}
-
-/**
- * Creates `file` holding `content`, or returns false if it exists. Writing a private file and
- * linking it into place means nobody ever sees the lock file empty or half written.
- */
-async function publish(file: string, content: string): Promise<boolean> {
-  const tmp = `${file}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`;
-  await fsp.writeFile(tmp, content, { flag: 'wx' });
+async function commandOf(procRoot: string, pid: string): Promise<{ command: string; isPcache: boolean }> {
+  let argv: string[];
   try {
-    await fsp.link(tmp, file);
-    return true;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
-    throw err;
-  } finally {
-    await fsp.rm(tmp, { force: true });
+    argv = (await fsp.readFile(join(procRoot, pid, 'cmdline'), 'utf8')).split('\0').filter(Boolean);
+  } catch {
+    return { command: '', isPcache: false };
   }
-}
-
-/**
- * Removing a stale file races with another process doing the same and then creating its own:
- * the slower one would delete the fresh lock. So removals happen under a short-lived guard
- * file, and only if the lock still holds exactly the content judged stale.
- */
-async function breakStale(file: string, staleRaw: string): Promise<void> {
-  const guard = `${file}.break`;
-  if (!(await publish(guard, `${process.pid}\n`))) {
-    const breaker = await readLock(guard);
-    // A breaker that died mid-way would block everyone forever.
-    if (breaker && (breaker.pid === null || (breaker.pid !== process.pid && !isAlive(breaker.pid)))) {
-      await fsp.rm(guard, { force: true });
-    }
-    return;
-  }
-  try {
-    const now = await readLock(file);
-    if (now?.raw === staleRaw) await fsp.rm(file, { force: true });
-  } finally {
-    await fsp.rm(guard, { force: true });
-  }
-}
-
-async function readLock(file: string): Promise<{ raw: string; pid: number | null } | undefined> {
-  let raw: string;
-  try {
-    raw = await fsp.readFile(file, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw err;
-  }
-  const m = /^\s*(\d+)\s*$/.exec(raw.split('\n')[0] ?? '');
-  const pid = m ? Number(m[1]) : NaN;
-  // pid 0 or a negative number would make kill() signal a whole process group.
-  return { raw, pid: Number.isSafeInteger(pid) && pid > 0 ? pid : null };
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-function busy(message: string): Error {
-  return Object.assign(new Error(message), { code: 'EBUSY' });
+  // `node --import tsx .../src/cli/main.ts serve ...` or `.../bin/pcache serve ...` reads as `pcache serve ...`.
+  const entry = argv.findIndex((a) => /(?:^|\/)(?:src\/cli\/main\.[jt]s|bin\/pcache(?:\.js)?|pcache)$/.test(a));
+  const words = entry >= 0 ? ['pcache', ...argv.slice(entry + 1)] : argv;
+  const command = words.join(' ').replace(/\s+/g, ' ');
+  return { command: command.length > 160 ? `${command.slice(0, 157)}...` : command, isPcache: entry >= 0 };
 }

@@ -4,6 +4,7 @@
  * BlockDevice, so a remote export can stand wherever a local device does.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import type { BlockDevice } from '../cache/block-device.js';
 import {
   ByteQueue,
@@ -34,6 +35,7 @@ import {
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO,
   NBD_OPT_LIST,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE_IS_ERROR,
@@ -66,43 +68,88 @@ import {
   encodeInfoRequest,
   encodeOption,
   encodeRequestHeader,
+  optionErrorName,
   readU64,
 } from './protocol.js';
+import { clientTlsOptions, type ClientTlsSettings } from './tls.js';
 
-export type NbdTarget =
+export type NbdTarget = (
   | { transport: 'tcp'; host: string; port: number; exportName: string }
-  | { transport: 'unix'; path: string; exportName: string };
+  | { transport: 'unix'; path: string; exportName: string }
+) & {
+  /** Present for nbds:// and nbds+unix://: STARTTLS is required before anything else. */
+  tls?: ClientTlsSettings;
+};
 
 export const NBD_DEFAULT_PORT = 10809;
 
-/** Parses `nbd://host[:port]/[export]` and `nbd+unix:///[export]?socket=/path`. */
+const TLS_QUERY = ['tls-psk-file', 'tls-username', 'tls-certificates', 'tls-verify-peer'] as const;
+
+/** libnbd's query parameters for TLS; a username may also come as the URI's user part. */
+function tlsFromUri(u: URL, uri: string, secure: boolean, user: string): ClientTlsSettings | undefined {
+  const given = TLS_QUERY.filter((k) => u.searchParams.has(k));
+  if (!secure) {
+    if (given.length > 0) throw new Error(`${given.join(', ')} given in a URI without TLS; use nbds:// or nbds+unix://: ${uri}`);
+    return undefined;
+  }
+  const q = (k: (typeof TLS_QUERY)[number]): string | undefined => u.searchParams.get(k) ?? undefined;
+  const out: ClientTlsSettings = {};
+  const pskFile = q('tls-psk-file');
+  const username = q('tls-username') ?? (user ? decodeURIComponent(user) : undefined);
+  const certificatesDir = q('tls-certificates');
+  const verify = q('tls-verify-peer');
+  if (pskFile !== undefined) out.pskFile = pskFile;
+  if (username !== undefined) out.username = username;
+  if (certificatesDir !== undefined) out.certificatesDir = certificatesDir;
+  if (verify !== undefined) {
+    if (!/^(true|false|1|0|yes|no|on|off)$/i.test(verify)) throw new Error(`tls-verify-peer must be a boolean: ${uri}`);
+    out.verifyPeer = /^(true|1|yes|on)$/i.test(verify);
+  }
+  if (pskFile !== undefined && certificatesDir !== undefined) throw new Error(`tls-psk-file and tls-certificates exclude each other: ${uri}`);
+  return out;
+}
+
+/**
+ * Parses `nbd[s]://host[:port]/[export]` and `nbd[s]+unix:///[export]?socket=/path`, with
+ * libnbd's TLS query parameters (tls-psk-file, tls-username, tls-certificates, tls-verify-peer).
+ */
 export function parseNbdUri(uri: string): NbdTarget {
+  // libnbd takes nbds+unix://USER@/?socket=... (a user with no host), which URL refuses.
+  const unixUser = /^(nbds?\+unix:\/\/)([^@/]+)@\//i.exec(uri);
   let u: URL;
   try {
-    u = new URL(uri);
+    u = new URL(unixUser ? `${unixUser[1]}/${uri.slice(unixUser[0].length)}` : uri);
   } catch {
     throw new Error(`invalid NBD URI: ${uri}`);
   }
+
   const exportName = decodeURIComponent(u.pathname.replace(/^\//, ''));
+  const secure = u.protocol === 'nbds:' || u.protocol === 'nbds+tcp:' || u.protocol === 'nbds+unix:';
+  let target: NbdTarget;
   switch (u.protocol) {
     case 'nbd:':
-    case 'nbd+tcp:': {
+    case 'nbd+tcp:':
+    case 'nbds:':
+    case 'nbds+tcp:': {
       if (!u.hostname) throw new Error(`NBD URI without a host: ${uri}`);
       const host = u.hostname.replace(/^\[(.*)\]$/, '$1'); // bare IPv6 for net.connect
-      return { transport: 'tcp', host, port: u.port ? Number(u.port) : NBD_DEFAULT_PORT, exportName };
+      target = { transport: 'tcp', host, port: u.port ? Number(u.port) : NBD_DEFAULT_PORT, exportName };
+      break;
     }
-    case 'nbd+unix:': {
+    case 'nbd+unix:':
+    case 'nbds+unix:': {
       const path = u.searchParams.get('socket');
-      if (!path) throw new Error(`nbd+unix URI needs ?socket=: ${uri}`);
-      if (u.hostname) throw new Error(`nbd+unix URI must not name a host: ${uri}`);
-      return { transport: 'unix', path, exportName };
+      if (!path) throw new Error(`${u.protocol.slice(0, -1)} URI needs ?socket=: ${uri}`);
+      if (u.hostname) throw new Error(`${u.protocol.slice(0, -1)} URI must not name a host: ${uri}`);
+      target = { transport: 'unix', path, exportName };
+      break;
     }
-    case 'nbds:':
-    case 'nbds+unix:':
-      throw new Error('TLS (nbds://) is not supported');
     default:
       throw new Error(`not an NBD URI: ${uri}`);
   }
+  const tlsSettings = tlsFromUri(u, uri, secure, unixUser ? unixUser[2]! : u.username);
+  if (tlsSettings) target.tls = tlsSettings;
+  return target;
 }
 
 export interface NbdClientOptions {
@@ -184,9 +231,11 @@ function connectSocket(target: NbdTarget): net.Socket {
 /** Lists the exports of a server (NBD_OPT_LIST), then aborts the session politely. */
 export async function listNbdExports(target: string | NbdTarget, timeoutMs = 30_000): Promise<NbdExportEntry[]> {
   const t = typeof target === 'string' ? parseNbdUri(target) : target;
-  const { socket, reader, cleanup } = await openHandshake(t, timeoutMs);
+  const h = await openHandshake(t, timeoutMs);
+  const { reader, cleanup } = h;
   try {
-    const flags = await greet(socket, reader);
+    const flags = await greet(h, t);
+    const socket = h.socket;
     if (!(flags & NBD_FLAG_FIXED_NEWSTYLE)) throw new Error('server does not support NBD_OPT_LIST');
     socket.write(encodeOption(NBD_OPT_LIST));
     const out: NbdExportEntry[] = [];
@@ -199,6 +248,9 @@ export async function listNbdExports(target: string | NbdTarget, timeoutMs = 30_
     socket.write(encodeOption(NBD_OPT_ABORT));
     socket.end();
     return out;
+  } catch (err) {
+    h.socket.destroy();
+    throw err;
   } finally {
     cleanup();
   }
@@ -207,9 +259,11 @@ export async function listNbdExports(target: string | NbdTarget, timeoutMs = 30_
 export async function connectNbd(target: string | NbdTarget, opts: NbdClientOptions = {}): Promise<NbdClient> {
   const t = typeof target === 'string' ? parseNbdUri(target) : target;
   const exportName = opts.exportName ?? t.exportName;
-  const { socket, reader, queue, cleanup } = await openHandshake(t, opts.connectTimeoutMs ?? 30_000);
+  const h = await openHandshake(t, opts.connectTimeoutMs ?? 30_000);
+  const { reader, queue, cleanup } = h;
   try {
-    const serverFlags = await greet(socket, reader);
+    const serverFlags = await greet(h, t);
+    const socket = h.socket;
     const fixed = (serverFlags & NBD_FLAG_FIXED_NEWSTYLE) !== 0;
     const noZeroes = (serverFlags & NBD_FLAG_NO_ZEROES) !== 0;
     let structured = false;
@@ -269,16 +323,22 @@ export async function connectNbd(target: string | NbdTarget, opts: NbdClientOpti
     });
   } catch (err) {
     cleanup();
-    socket.destroy();
+    h.socket.destroy();
     throw err;
   }
 }
 
-async function openHandshake(
-  t: NbdTarget,
-  timeoutMs: number,
-): Promise<{ socket: net.Socket; reader: HandshakeReader; queue: ByteQueue; cleanup: () => void }> {
-  const socket = connectSocket(t);
+/** A connection during option haggling; after STARTTLS `socket` is the TLS socket. */
+interface Handshake {
+  socket: net.Socket;
+  reader: HandshakeReader;
+  queue: ByteQueue;
+  /** Moves the handshake reader onto another socket (the TLS one wrapping the first). */
+  moveTo(socket: net.Socket): void;
+  cleanup(): void;
+}
+
+async function openHandshake(t: NbdTarget, timeoutMs: number): Promise<Handshake> {
   const queue = new ByteQueue();
   const reader = new HandshakeReader(queue);
   const onData = (d: Buffer): void => {
@@ -287,42 +347,90 @@ async function openHandshake(
   };
   const onError = (err: Error): void => reader.fail(err);
   const onClose = (): void => reader.fail(new Error('server closed the connection during the handshake'));
-  socket.on('data', onData);
-  socket.on('error', onError);
-  socket.on('close', onClose);
+  const watch = (s: net.Socket): void => {
+    s.on('data', onData);
+    s.on('error', onError);
+    s.on('close', onClose);
+  };
+  const unwatch = (s: net.Socket): void => {
+    s.off('data', onData);
+    s.off('error', onError);
+    s.off('close', onClose);
+  };
+  const h: Handshake = {
+    socket: connectSocket(t),
+    reader,
+    queue,
+    moveTo(next) {
+      unwatch(h.socket);
+      h.socket = next;
+      watch(next);
+    },
+    cleanup() {
+      clearTimeout(timer);
+      unwatch(h.socket);
+    },
+  };
+  watch(h.socket);
   const timer = setTimeout(() => {
     reader.fail(new Error(`NBD handshake timed out after ${timeoutMs} ms`));
-    socket.destroy();
+    h.socket.destroy();
   }, timeoutMs);
-  const cleanup = (): void => {
-    clearTimeout(timer);
-    socket.off('data', onData);
-    socket.off('error', onError);
-    socket.off('close', onClose);
-  };
-  await new Promise<void>((resolve, reject) => {
+  try {
+    await eventOrError(h.socket, 'connect');
+  } catch (err) {
+    h.cleanup();
+    throw err;
+  }
+  return h;
+}
+
+/** Resolves on the socket's `event`, rejects on an error that comes first. */
+function eventOrError(socket: net.Socket, event: string): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
     const ok = (): void => {
       socket.off('error', bad);
       resolve();
     };
     const bad = (err: Error): void => {
-      socket.off('connect', ok);
-      cleanup();
+      socket.off(event, ok);
       reject(err);
     };
-    socket.once('connect', ok);
+    socket.once(event, ok);
     socket.once('error', bad);
   });
-  return { socket, reader, queue, cleanup };
 }
 
-async function greet(socket: net.Socket, reader: HandshakeReader): Promise<number> {
-  const { handshakeFlags } = decodeGreeting(await reader.read(HANDSHAKE_GREETING_SIZE));
+/** Greets the server and, for an nbds:// target, upgrades to TLS before anything else. */
+async function greet(h: Handshake, t: NbdTarget): Promise<number> {
+  const { handshakeFlags } = decodeGreeting(await h.reader.read(HANDSHAKE_GREETING_SIZE));
   let clientFlags = 0;
   if (handshakeFlags & NBD_FLAG_FIXED_NEWSTYLE) clientFlags |= NBD_FLAG_C_FIXED_NEWSTYLE;
   if (handshakeFlags & NBD_FLAG_NO_ZEROES) clientFlags |= NBD_FLAG_C_NO_ZEROES;
-  socket.write(encodeClientFlags(clientFlags));
+  h.socket.write(encodeClientFlags(clientFlags));
+  if (t.tls) {
+    if (!(handshakeFlags & NBD_FLAG_FIXED_NEWSTYLE)) throw new Error('TLS was asked for but the server does not speak fixed newstyle');
+    await startTls(h, t);
+  }
   return handshakeFlags;
+}
+
+async function startTls(h: Handshake, t: NbdTarget): Promise<void> {
+  // Built before asking, so a bad key file fails without a half-done STARTTLS.
+  const opts = clientTlsOptions(t.tls!, t.transport === 'tcp' ? t.host : undefined);
+  h.socket.write(encodeOption(NBD_OPT_STARTTLS));
+  const rep = await readOptionReply(h.reader, NBD_OPT_STARTTLS);
+  if (rep.type !== NBD_REP_ACK) throw optionError('NBD_OPT_STARTTLS (the server may not offer TLS)', rep.type, rep.data);
+  if (h.queue.length > 0) throw new ProtocolError('server sent data after acknowledging STARTTLS');
+  const raw = h.socket;
+  const secure = tls.connect({ ...opts, socket: raw });
+  h.moveTo(secure);
+  raw.on('error', () => {}); // reported through the TLS socket
+  try {
+    await eventOrError(secure, 'secureConnect');
+  } catch (err) {
+    throw new Error(`TLS handshake with the NBD server failed: ${(err as Error).message}`);
+  }
 }
 
 async function readOptionReply(reader: HandshakeReader, option: number): Promise<{ type: number; data: Buffer }> {
@@ -334,7 +442,7 @@ async function readOptionReply(reader: HandshakeReader, option: number): Promise
 
 function optionError(what: string, type: number, data: Buffer): Error {
   const msg = data.length ? `: ${data.toString('utf8')}` : '';
-  return Object.assign(new Error(`${what} failed (reply 0x${type.toString(16)})${msg}`), { nbdReply: type });
+  return Object.assign(new Error(`${what} failed: ${optionErrorName(type)}${msg}`), { nbdReply: type });
 }
 
 interface ClientInit {

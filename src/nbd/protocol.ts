@@ -195,6 +195,22 @@ export function optionName(opt: number): string {
   }
 }
 
+/** Names an option reply error type (NBD_REP_ERR_*), for messages. */
+export function optionErrorName(type: number): string {
+  switch (type) {
+    case NBD_REP_ERR_UNSUP: return 'NBD_REP_ERR_UNSUP (not supported)';
+    case NBD_REP_ERR_POLICY: return 'NBD_REP_ERR_POLICY (forbidden by policy)';
+    case NBD_REP_ERR_INVALID: return 'NBD_REP_ERR_INVALID';
+    case NBD_REP_ERR_PLATFORM: return 'NBD_REP_ERR_PLATFORM';
+    case NBD_REP_ERR_TLS_REQD: return 'NBD_REP_ERR_TLS_REQD (the server requires TLS: use nbds://)';
+    case NBD_REP_ERR_UNKNOWN: return 'NBD_REP_ERR_UNKNOWN (no such export)';
+    case NBD_REP_ERR_SHUTDOWN: return 'NBD_REP_ERR_SHUTDOWN';
+    case NBD_REP_ERR_BLOCK_SIZE_REQD: return 'NBD_REP_ERR_BLOCK_SIZE_REQD';
+    case NBD_REP_ERR_TOO_BIG: return 'NBD_REP_ERR_TOO_BIG';
+    default: return `reply 0x${type.toString(16)}`;
+  }
+}
+
 /**
  * u64 as a JS number. Values above 2^53 lose precision, which is harmless here: every such
  * offset is far beyond any export and fails the range check anyway.

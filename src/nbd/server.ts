@@ -5,6 +5,9 @@
  */
 import net from 'node:net';
 import fs from 'node:fs';
+import tls from 'node:tls';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import type { BlockDevice } from '../cache/block-device.js';
 import {
   ByteQueue,
@@ -20,12 +23,14 @@ import {
   NBD_EINVAL,
   NBD_ENOSPC,
   NBD_EIO,
+  NBD_EPERM,
   NBD_FLAG_CAN_MULTI_CONN,
   NBD_FLAG_C_KNOWN,
   NBD_FLAG_C_NO_ZEROES,
   NBD_FLAG_FIXED_NEWSTYLE,
   NBD_FLAG_HAS_FLAGS,
   NBD_FLAG_NO_ZEROES,
+  NBD_FLAG_READ_ONLY,
   NBD_FLAG_SEND_DF,
   NBD_FLAG_SEND_FLUSH,
   NBD_FLAG_SEND_FUA,
@@ -38,10 +43,12 @@ import {
   NBD_OPT_GO,
   NBD_OPT_INFO,
   NBD_OPT_LIST,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REPLY_FLAG_DONE,
   NBD_REP_ACK,
   NBD_REP_ERR_INVALID,
+  NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
   NBD_REP_INFO,
@@ -69,6 +76,7 @@ import {
   requestMagicOk,
   type RequestHeader,
 } from './protocol.js';
+import type { ServerTls } from './tls.js';
 
 export interface NbdServerOptions {
   device: BlockDevice;
@@ -78,6 +86,32 @@ export interface NbdServerOptions {
   /** Largest READ/WRITE length accepted, advertised as the maximum block size. Default 32 MiB. */
   maxBlock?: number;
   log?: (msg: string) => void;
+  /** Advertise NBD_FLAG_READ_ONLY and refuse WRITE, TRIM and WRITE_ZEROES with EPERM. */
+  readOnly?: boolean;
+  /** Connections at once, handshaking ones included (default 64). */
+  maxConnections?: number;
+  /** A client still negotiating options (TLS included) this long after connecting is dropped (default 10 s). */
+  handshakeTimeoutMs?: number;
+  /**
+   * Bytes a connection may hold: replies queued for a client that does not read them, plus
+   * requests being served. Beyond it the server stops reading that client's requests until
+   * they drain (default 64 MiB; the request that crosses it is served, so up to one maxBlock more).
+   */
+  connectionQueueBytes?: number;
+  /**
+   * The same across all connections (default 256 MiB). Past it only connections holding
+   * nothing take a request, until 1.5 times it; so the total stays below 1.5 times this plus
+   * one maxBlock.
+   */
+  totalQueueBytes?: number;
+  /**
+   * While some connection waits for room in the shared budget, a connection whose queued
+   * replies have not moved for this long is dropped: it is not reading, and what it holds is
+   * what the others wait for (default 15 s).
+   */
+  stalledReplyTimeoutMs?: number;
+  /** NBD_OPT_STARTTLS support; null or absent: no TLS. */
+  tls?: ServerTls | null;
 }
 
 export interface NbdServerStats {
@@ -100,6 +134,18 @@ export interface NbdServerStats {
   deviceErrors: number;
   /** Connections dropped because the peer broke the protocol. */
   protocolErrors: number;
+  /** Connections closed at once because maxConnections were open. */
+  connectionsRefused: number;
+  /** Connections dropped to make room: the oldest of those still handshaking after a grace time. */
+  connectionsEvicted: number;
+  /** Connections dropped for not finishing the handshake within handshakeTimeoutMs. */
+  handshakeTimeouts: number;
+  /** Connections dropped for not reading their replies while others waited for room. */
+  stalledDropped: number;
+  /** Connections that completed STARTTLS. */
+  tlsConnections: number;
+  /** Bytes held now for replies not yet sent and requests being served, all connections. */
+  queuedBytes: number;
 }
 
 export interface NbdServer {
@@ -127,8 +173,41 @@ export const DISCARD_LIMIT = 64 * 1024 * 1024;
 const MAX_OPTION_LENGTH = 64 * 1024;
 // Backpressure: stop reading from a client while it has this much outstanding.
 const MAX_INFLIGHT_REQUESTS = 256;
-const MAX_INFLIGHT_BYTES = 256 * 1024 * 1024;
-const MAX_UNSENT_BYTES = 64 * 1024 * 1024;
+export const DEFAULT_CONNECTION_QUEUE_BYTES = 64 * 1024 * 1024;
+export const DEFAULT_TOTAL_QUEUE_BYTES = 256 * 1024 * 1024;
+export const DEFAULT_MAX_CONNECTIONS = 64;
+export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
+export const DEFAULT_STALLED_REPLY_TIMEOUT_MS = 15_000;
+/**
+ * At the connection limit, a handshaking connection at least this old is dropped for a new
+ * one, so a crowd of silent sockets cannot keep real clients out until their timeout.
+ */
+const EVICT_AFTER_MS = 1000;
+/**
+ * A connection that held at least this much when it closed triggers a full garbage collection
+ * a moment later: its reply buffers are garbage then, but an idle server allocates nothing, so
+ * V8 would never collect them and the memory would stay taken after the client left.
+ */
+const RECLAIM_AFTER_BYTES = 16 * 1024 * 1024;
+const RECLAIM_DELAY_MS = 1000;
+
+let collectGarbage: (() => void) | null | undefined;
+
+/** gc() without --expose-gc: the flag takes effect for contexts created after it is set. */
+function fullGc(): void {
+  if (collectGarbage === undefined) {
+    try {
+      v8.setFlagsFromString('--expose-gc');
+      collectGarbage = vm.runInNewContext('gc') as () => void;
+    } catch {
+      collectGarbage = null;
+    }
+  }
+  collectGarbage?.();
+}
+
+/** Refused connections are logged at most once per this interval. */
+const REFUSAL_LOG_INTERVAL_MS = 5000;
 /** How long a graceful close waits for the peer to close its side before destroying. */
 const LINGER_MS = 2000;
 
@@ -139,6 +218,8 @@ const TRANSMISSION_FLAGS =
   NBD_FLAG_SEND_TRIM |
   NBD_FLAG_SEND_WRITE_ZEROES |
   NBD_FLAG_CAN_MULTI_CONN;
+/** Flush stays: a read-only client may still ask that what it read be stable. */
+const READ_ONLY_FLAGS = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_CAN_MULTI_CONN;
 
 class ConnectionClosed extends Error {
   override name = 'ConnectionClosed';
@@ -154,11 +235,28 @@ interface Shared {
   exportName: string;
   description: string | undefined;
   maxBlock: number;
+  readOnly: boolean;
+  handshakeTimeoutMs: number;
+  connectionQueueBytes: number;
+  totalQueueBytes: number;
+  tls: ServerTls | null;
   log: (msg: string) => void;
   stats: NbdServerStats;
   closing: boolean;
   /** Device calls not yet settled, across all connections. */
   deviceCalls: Set<Promise<unknown>>;
+  /** Connections that stopped reading while the total was over totalQueueBytes. */
+  waitingForRoom: Set<Connection>;
+  /** Called when a connection that held a lot of memory closed. */
+  reclaimSoon: () => void;
+  /** Called when a connection starts waiting for room: look for stalled ones to drop. */
+  watchStalled: () => void;
+}
+
+function positiveInteger(name: string, value: number | undefined, fallback: number): number {
+  const v = value ?? fallback;
+  if (!Number.isSafeInteger(v) || v <= 0) throw new RangeError(`${name} must be a positive integer, not ${v}`);
+  return v;
 }
 
 export function createNbdServer(opts: NbdServerOptions): NbdServer {
@@ -172,11 +270,20 @@ export function createNbdServer(opts: NbdServerOptions): NbdServer {
   if (opts.device.size() % MIN_BLOCK !== 0) {
     log(`device size ${opts.device.size()} is not a multiple of ${MIN_BLOCK}; the tail is unreachable`);
   }
+  let reclaimTimer: NodeJS.Timeout | null = null;
+  let stallTimer: NodeJS.Timeout | null = null;
+  const stalledReplyTimeoutMs = positiveInteger('stalledReplyTimeoutMs', opts.stalledReplyTimeoutMs, DEFAULT_STALLED_REPLY_TIMEOUT_MS);
+  const maxConnections = positiveInteger('maxConnections', opts.maxConnections, DEFAULT_MAX_CONNECTIONS);
   const shared: Shared = {
     device: opts.device,
     exportName,
     description: opts.description,
     maxBlock,
+    readOnly: opts.readOnly === true,
+    handshakeTimeoutMs: positiveInteger('handshakeTimeoutMs', opts.handshakeTimeoutMs, DEFAULT_HANDSHAKE_TIMEOUT_MS),
+    connectionQueueBytes: positiveInteger('connectionQueueBytes', opts.connectionQueueBytes, DEFAULT_CONNECTION_QUEUE_BYTES),
+    totalQueueBytes: positiveInteger('totalQueueBytes', opts.totalQueueBytes, DEFAULT_TOTAL_QUEUE_BYTES),
+    tls: opts.tls ?? null,
     log,
     stats: {
       connectionsTotal: 0,
@@ -187,17 +294,83 @@ export function createNbdServer(opts: NbdServerOptions): NbdServer {
       errors: 0,
       deviceErrors: 0,
       protocolErrors: 0,
+      connectionsRefused: 0,
+      connectionsEvicted: 0,
+      handshakeTimeouts: 0,
+      stalledDropped: 0,
+      tlsConnections: 0,
+      queuedBytes: 0,
     },
     closing: false,
     deviceCalls: new Set(),
+    waitingForRoom: new Set(),
+    reclaimSoon: () => {
+      if (reclaimTimer) clearTimeout(reclaimTimer);
+      reclaimTimer = setTimeout(() => {
+        reclaimTimer = null;
+        fullGc();
+      }, RECLAIM_DELAY_MS);
+      reclaimTimer.unref();
+    },
+    watchStalled: () => {
+      if (stallTimer) return;
+      stallTimer = setInterval(() => {
+        if (shared.waitingForRoom.size === 0 || shared.closing) {
+          clearInterval(stallTimer!);
+          stallTimer = null;
+          return;
+        }
+        const now = Date.now();
+        for (const conn of connections) {
+          if (conn.repliesStalledFor(now) >= stalledReplyTimeoutMs) {
+            shared.stats.stalledDropped++;
+            conn.evict(`replies unread for ${stalledReplyTimeoutMs} ms while other clients wait for memory; dropped`);
+          }
+        }
+      }, Math.min(1000, stalledReplyTimeoutMs));
+      stallTimer.unref();
+    },
   };
   const listeners: net.Server[] = [];
   const connections = new Set<Connection>();
   let closePromise: Promise<void> | null = null;
+  let refusalsUnlogged = 0;
+  let refusalLoggedAt = 0;
+
+  /** At the limit: drop the oldest connection still handshaking after the grace time, if any. */
+  const makeRoom = (): boolean => {
+    const now = Date.now();
+    for (const conn of connections) {
+      if (conn.handshakingSince(now) >= EVICT_AFTER_MS) {
+        shared.stats.connectionsEvicted++;
+        conn.evict('dropped to make room for a new connection: still handshaking at the connection limit');
+        connections.delete(conn);
+        return true;
+      }
+    }
+    return false;
+  };
+
+  const refuse = (socket: net.Socket): void => {
+    shared.stats.connectionsRefused++;
+    refusalsUnlogged++;
+    const now = Date.now();
+    if (now - refusalLoggedAt >= REFUSAL_LOG_INTERVAL_MS) {
+      log(`connection limit ${maxConnections} reached: refused ${refusalsUnlogged} connection(s)`);
+      refusalsUnlogged = 0;
+      refusalLoggedAt = now;
+    }
+    socket.on('error', () => {});
+    socket.destroy();
+  };
 
   const onConnection = (socket: net.Socket): void => {
     if (shared.closing) {
       socket.destroy();
+      return;
+    }
+    if (connections.size >= maxConnections && !makeRoom()) {
+      refuse(socket);
       return;
     }
     const conn = new Connection(socket, shared);
@@ -310,25 +483,38 @@ class Connection {
   private discardRemaining = 0;
   private paused = false;
   private corked = false;
-  private awaitingDrain = false;
   private lingerTimer: NodeJS.Timeout | null = null;
+  /** Reply bytes handed to the socket and not yet written out to the kernel. */
+  private unsentBytes = 0;
+  /** Size of the WRITE payload being received (its buffer is allocated whole). */
+  private receivingBytes = 0;
+  private peakHeld = 0;
+  /** When a queued reply last went out, or when the queue last went from empty to not. */
+  private lastSentAt = 0;
+  private readonly connectedAt = Date.now();
+  private handshakeTimer: NodeJS.Timeout | null;
+  /** Replaced by the TLS socket after STARTTLS. */
+  private socket: net.Socket;
+  private secure = false;
 
   constructor(
-    private readonly socket: net.Socket,
+    socket: net.Socket,
     private readonly shared: Shared,
   ) {
+    this.socket = socket;
     this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
     this.peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     shared.stats.connectionsTotal++;
     shared.stats.connectionsActive++;
     if (socket.remoteAddress) socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('end', () => this.onEnd());
-    socket.on('error', (err: NodeJS.ErrnoException) => {
-      // EPIPE/ECONNRESET are routine when a client goes away; 'close' follows.
-      this.shared.log(`${this.peer}: socket error: ${err.code ?? err.message}`);
-    });
-    socket.on('close', () => this.onClose());
+    this.listen(socket);
+    this.handshakeTimer = setTimeout(() => {
+      this.handshakeTimer = null;
+      if (this.phase !== 'handshake') return;
+      this.shared.stats.handshakeTimeouts++;
+      this.evict(`handshake not finished within ${this.shared.handshakeTimeoutMs} ms; dropped`);
+    }, shared.handshakeTimeoutMs);
+    this.handshakeTimer.unref();
     this.shared.log(`${this.peer}: connected`);
     this.handshake().then(
       (ok) => {
@@ -345,6 +531,33 @@ class Connection {
         this.socket.destroy();
       },
     );
+  }
+
+  private listen(socket: net.Socket): void {
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('end', () => this.onEnd());
+    socket.on('error', (err: NodeJS.ErrnoException) => {
+      // EPIPE/ECONNRESET are routine when a client goes away; 'close' follows.
+      this.shared.log(`${this.peer}: socket error: ${err.code ?? err.message}`);
+    });
+    socket.on('close', () => this.onClose());
+  }
+
+  /** How long this connection has been handshaking, or -1 once past the handshake. */
+  handshakingSince(now: number): number {
+    return this.phase === 'handshake' ? now - this.connectedAt : -1;
+  }
+
+  /** How long queued replies have waited without a byte of them going out, or -1. */
+  repliesStalledFor(now: number): number {
+    return this.phase === 'transmission' && this.unsentBytes > 0 ? now - this.lastSentAt : -1;
+  }
+
+  /** Drops the connection at once; device calls in flight still settle (server.close waits for them). */
+  evict(reason: string): void {
+    if (this.phase === 'closed') return;
+    this.shared.log(`${this.peer}: ${reason}`);
+    this.socket.destroy();
   }
 
   /** Called by server.close(). */
@@ -417,6 +630,12 @@ class Connection {
     if (this.phase === 'closed') return;
     this.phase = 'closed';
     if (this.lingerTimer) clearTimeout(this.lingerTimer);
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    if (this.peakHeld >= RECLAIM_AFTER_BYTES) this.shared.reclaimSoon();
+    // Replies never sent are dropped with the socket; write callbacks after this are ignored.
+    this.releaseSent(this.unsentBytes);
+    this.dropReceiving();
+    this.shared.waitingForRoom.delete(this);
     if (this.waiter) {
       const w = this.waiter;
       this.waiter = null;
@@ -462,7 +681,36 @@ class Connection {
         this.endGracefully();
         return false;
       }
+      if (this.shared.tls?.mode === 'require' && !this.secure && opt.option !== NBD_OPT_STARTTLS && opt.option !== NBD_OPT_ABORT) {
+        if (opt.option === NBD_OPT_EXPORT_NAME) {
+          // EXPORT_NAME cannot carry an error reply; proto.md has the server hang up.
+          this.shared.log(`${this.peer}: EXPORT_NAME without TLS while TLS is required`);
+          this.endGracefully();
+          return false;
+        }
+        this.replyOption(opt.option, NBD_REP_ERR_TLS_REQD, 'TLS is required: send NBD_OPT_STARTTLS first');
+        continue;
+      }
       switch (opt.option) {
+        case NBD_OPT_STARTTLS:
+          if (!this.shared.tls) {
+            this.replyOption(opt.option, NBD_REP_ERR_UNSUP, 'TLS is not configured on this server');
+            break;
+          }
+          if (data.length !== 0) {
+            this.replyOption(opt.option, NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+            break;
+          }
+          if (this.secure) {
+            this.replyOption(opt.option, NBD_REP_ERR_INVALID, 'TLS is already negotiated');
+            break;
+          }
+          if (this.queue.length > 0) throw new HandshakeAbort('data sent after NBD_OPT_STARTTLS before its reply');
+          this.replyOption(opt.option, NBD_REP_ACK);
+          await this.startTls(this.shared.tls);
+          // proto.md: whatever was negotiated in clear text is forgotten.
+          this.structured = false;
+          break;
         case NBD_OPT_EXPORT_NAME: {
           const name = data.toString('utf8');
           if (!this.knownExport(name)) {
@@ -528,7 +776,7 @@ class Connection {
           this.replyOption(opt.option, NBD_REP_ACK);
           break;
         default:
-          // STARTTLS, meta contexts, extended headers and anything unknown.
+          // Meta contexts, extended headers and anything unknown.
           this.replyOption(opt.option, NBD_REP_ERR_UNSUP, `option ${optionName(opt.option)} not supported`);
           break;
       }
@@ -540,9 +788,45 @@ class Connection {
   }
 
   private transmissionFlags(): number {
+    const base = this.shared.readOnly ? READ_ONLY_FLAGS : TRANSMISSION_FLAGS;
     // Reads are always answered with a single data chunk, so DF costs nothing to honour;
     // proto.md forbids the flag without structured replies.
-    return this.structured ? TRANSMISSION_FLAGS | NBD_FLAG_SEND_DF : TRANSMISSION_FLAGS;
+    return this.structured ? base | NBD_FLAG_SEND_DF : base;
+  }
+
+  /**
+   * Wraps the socket in TLS right after the ACK is queued, in the same tick: the client sends
+   * its ClientHello only after reading the ACK, so no byte of it can reach the clear-text reader.
+   */
+  private startTls(config: ServerTls): Promise<void> {
+    const raw = this.socket;
+    if (this.corked) {
+      this.corked = false;
+      raw.uncork();
+    }
+    raw.removeAllListeners('data');
+    raw.removeAllListeners('end');
+    raw.removeAllListeners('close');
+    raw.removeAllListeners('error');
+    raw.on('error', () => {});
+    const secure = new tls.TLSSocket(raw, config.socketOptions());
+    this.socket = secure;
+    this.listen(secure);
+    return new Promise((resolve, reject) => {
+      const onSecure = (): void => {
+        secure.off('error', onError);
+        this.secure = true;
+        this.shared.stats.tlsConnections++;
+        this.shared.log(`${this.peer}: TLS ${secure.getProtocol() ?? ''} ${secure.getCipher()?.name ?? ''}`);
+        resolve();
+      };
+      const onError = (err: Error): void => {
+        secure.off('secure', onSecure);
+        reject(new HandshakeAbort(`TLS handshake failed: ${err.message}`));
+      };
+      secure.once('secure', onSecure);
+      secure.once('error', onError);
+    });
   }
 
   private replyOption(option: number, type: number, data?: Buffer | string): void {
@@ -556,7 +840,11 @@ class Connection {
   private startTransmission(): void {
     if (this.phase !== 'handshake') return;
     this.phase = 'transmission';
-    this.shared.log(`${this.peer}: transmission (structured replies: ${this.structured})`);
+    if (this.handshakeTimer) {
+      clearTimeout(this.handshakeTimer);
+      this.handshakeTimer = null;
+    }
+    this.shared.log(`${this.peer}: transmission (structured replies: ${this.structured}${this.secure ? ', TLS' : ''})`);
     if (this.eof) {
       this.stopAndDrain();
       return;
@@ -575,7 +863,10 @@ class Connection {
         if (!this.paused) {
           this.paused = true;
           this.socket.pause();
-          if (this.socket.writableLength > 0) this.watchDrain();
+        }
+        if (this.shared.stats.queuedBytes >= this.shared.totalQueueBytes) {
+          this.shared.waitingForRoom.add(this);
+          this.shared.watchStalled();
         }
         return;
       }
@@ -592,6 +883,9 @@ class Connection {
         this.pendingWrite = null;
         this.payload = null;
         this.payloadFilled = 0;
+        // Handed over to dispatch, which holds it again while the device writes it.
+        this.shared.stats.queuedBytes -= this.receivingBytes;
+        this.receivingBytes = 0;
       } else {
         if (this.queue.length < REQUEST_HEADER_SIZE) return;
         const header = this.queue.take(REQUEST_HEADER_SIZE);
@@ -611,6 +905,8 @@ class Connection {
           } else {
             this.pendingWrite = req;
             this.payload = Buffer.allocUnsafe(req.length);
+            this.receivingBytes = req.length;
+            this.hold(req.length);
             this.payloadFilled = this.queue.length;
             this.queue.takeInto(this.payload, 0, this.queue.length);
             return;
@@ -622,18 +918,51 @@ class Connection {
   }
 
   private overloaded(): boolean {
-    return (
-      this.inflight >= MAX_INFLIGHT_REQUESTS ||
-      this.inflightBytes >= MAX_INFLIGHT_BYTES ||
-      this.socket.writableLength >= MAX_UNSENT_BYTES
-    );
+    if (this.inflight >= MAX_INFLIGHT_REQUESTS) return true;
+    const held = this.inflightBytes + this.unsentBytes + this.receivingBytes;
+    if (held >= this.shared.connectionQueueBytes) return true;
+    const total = this.shared.stats.queuedBytes;
+    if (total < this.shared.totalQueueBytes) return false;
+    // Over the shared budget, a connection holding nothing may still take one request from a
+    // reserve of half the budget: clients that never read their replies fill the budget, and
+    // without the reserve they would starve everyone else. The reserve keeps the total bounded.
+    return held > 0 || total >= this.shared.totalQueueBytes * 1.5;
   }
 
-  private maybeResume(): void {
+  maybeResume(): void {
     if (!this.paused || this.phase !== 'transmission' || this.overloaded()) return;
     this.paused = false;
+    this.shared.waitingForRoom.delete(this);
     this.socket.resume();
     this.processRequests();
+  }
+
+  /** Bytes this connection holds (replies unsent, requests being served) go up or down. */
+  private hold(bytes: number): void {
+    this.shared.stats.queuedBytes += bytes;
+    const held = this.inflightBytes + this.unsentBytes + this.receivingBytes;
+    if (held > this.peakHeld) this.peakHeld = held;
+  }
+
+  private dropReceiving(): void {
+    const bytes = this.receivingBytes;
+    this.receivingBytes = 0;
+    if (bytes > 0) this.release(bytes);
+  }
+
+  private releaseSent(bytes: number): void {
+    if (bytes === 0) return;
+    this.unsentBytes -= bytes;
+    this.release(bytes);
+  }
+
+  private release(bytes: number): void {
+    const shared = this.shared;
+    shared.stats.queuedBytes -= bytes;
+    if (this.paused) this.maybeResume();
+    if (shared.waitingForRoom.size > 0 && shared.stats.queuedBytes < shared.totalQueueBytes) {
+      for (const conn of [...shared.waitingForRoom]) conn.maybeResume();
+    }
   }
 
   private rejectOversizedWrite(req: RequestHeader): void {
@@ -681,6 +1010,7 @@ class Connection {
       }
       case NBD_CMD_WRITE: {
         stats.requests.write++;
+        if (this.shared.readOnly) return this.replyError(req, NBD_EPERM, 'the export is read-only');
         if ((req.flags & ~NBD_CMD_FLAG_FUA) !== 0) return this.replyError(req, NBD_EINVAL, 'invalid flags for WRITE');
         const bad = this.checkRange(req, NBD_ENOSPC);
         if (bad) return this.replyError(req, bad, 'write out of range or unaligned');
@@ -704,6 +1034,7 @@ class Connection {
         const isTrim = req.type === NBD_CMD_TRIM;
         if (isTrim) stats.requests.trim++;
         else stats.requests.writeZeroes++;
+        if (this.shared.readOnly) return this.replyError(req, NBD_EPERM, 'the export is read-only');
         const allowed = isTrim ? NBD_CMD_FLAG_FUA : NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE;
         if ((req.flags & ~allowed) !== 0) return this.replyError(req, NBD_EINVAL, `invalid flags for ${commandName(req.type)}`);
         // proto.md: TRIM beyond the end is EINVAL, WRITE_ZEROES beyond the end is ENOSPC.
@@ -731,6 +1062,7 @@ class Connection {
   private run<T>(req: RequestHeader, bytes: number, call: () => Promise<T>, done: (value: T) => void): void {
     this.inflight++;
     this.inflightBytes += bytes;
+    this.hold(bytes);
     let p: Promise<T>;
     try {
       p = call();
@@ -756,7 +1088,7 @@ class Connection {
     this.inflight--;
     this.inflightBytes -= bytes;
     if (this.phase === 'closing' && this.inflight === 0) this.endGracefully();
-    else if (this.paused) this.maybeResume();
+    this.release(bytes);
   }
 
   private deviceFailed(req: RequestHeader, err: unknown): void {
@@ -812,18 +1144,23 @@ class Connection {
         s.uncork();
       });
     }
-    let ok = s.write(a);
-    if (b && b.length > 0) ok = s.write(b) && ok;
-    if (!ok) this.watchDrain();
-  }
-
-  private watchDrain(): void {
-    if (this.awaitingDrain) return;
-    this.awaitingDrain = true;
-    this.socket.once('drain', () => {
-      this.awaitingDrain = false;
-      this.maybeResume();
-    });
+    const bytes = a.length + (b ? b.length : 0);
+    this.unsentBytes += bytes;
+    this.hold(bytes);
+    if (this.unsentBytes === bytes) this.lastSentAt = Date.now();
+    // Also called (with an error) for writes a destroyed socket dropped; once onClose has
+    // released everything, which `this.phase` tells, there is nothing left to release.
+    const sent = (): void => {
+      if (this.phase === 'closed') return;
+      this.lastSentAt = Date.now();
+      this.releaseSent(bytes);
+    };
+    if (b && b.length > 0) {
+      s.write(a);
+      s.write(b, sent);
+    } else {
+      s.write(a, sent);
+    }
   }
 
   // ------------------------------------------------------------------------------------------
@@ -835,6 +1172,7 @@ class Connection {
     this.phase = 'closing';
     this.pendingWrite = null;
     this.payload = null;
+    this.dropReceiving();
     this.queue.clear();
     this.socket.pause();
     if (this.inflight === 0) this.endGracefully();

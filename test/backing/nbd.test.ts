@@ -49,7 +49,7 @@ test('openBacking: URIs go to NBD, anything else to a file', async () => {
   assert.ok(f instanceof FileBacking);
   assert.equal((f as BackingDevice).state, undefined, 'a file has no connection state');
   await f.close();
-  await assert.rejects(openBacking('nbds://h/e'), /TLS/);
+  await assert.rejects(openBacking('nbd://h/e?tls-psk-file=/k.psk'), /use nbds:\/\//);
   await assert.rejects(openBacking('nbd+unix:///e'), /socket=/);
 });
 

@@ -1,10 +1,11 @@
 /**
- * The kernel-written golden images of ../shared/fixtures, decompressed for tests.
+ * The kernel-written golden images of test/fixtures/kernel (copied byte for byte from the
+ * project's shared fixtures, see SOURCE.md there), decompressed for tests.
  *
  * Each image is inflated once into a cache directory under the system temp dir, sparsely (all-zero
  * 64 KiB blocks are skipped, so a 1 GiB image costs a few MiB of disk), and reused by every later
  * test and test run. Cached images are made read-only: a test that writes must take a copy with
- * fixtureCopy. Missing fixtures fail loudly: CI has them, so their absence is a broken checkout.
+ * fixtureCopy. Missing fixtures fail loudly: the repository carries them, so their absence is a broken checkout.
  */
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, statSync } from 'node:fs';
@@ -45,10 +46,13 @@ export interface Patch {
   bytes: Buffer;
 }
 
-/** $PCACHE_FIXTURES (the fixtures directory or the shared directory holding it), else <repo>/../shared/fixtures. */
+/** The repository's own copy of the kernel images; a clone anywhere tests itself. */
+export const REPO_FIXTURES = join(REPO_ROOT, 'test', 'fixtures', 'kernel');
+
+/** $PCACHE_FIXTURES (the fixtures directory or a directory holding `fixtures/`) overrides the repository's copy. */
 export function fixturesDir(): string {
   const env = process.env.PCACHE_FIXTURES;
-  const candidates = env ? [join(env, 'fixtures'), env] : [join(REPO_ROOT, '..', 'shared', 'fixtures')];
+  const candidates = env ? [join(env, 'fixtures'), env] : [REPO_FIXTURES];
   for (const dir of candidates) {
     if (existsSync(join(dir, 'kernel-dirty.img.gz'))) return dir;
   }

@@ -24,11 +24,18 @@ export async function sparseFile(path: string, size: number): Promise<string> {
   return path;
 }
 
-export async function startServe(dir: string, cacheDev: string, backingDev: string, tableOpts: string[] = [], extra: string[] = []): Promise<ServeProc> {
+export async function startServe(
+  dir: string,
+  cacheDev: string,
+  backingDev: string,
+  tableOpts: string[] = [],
+  extra: string[] = [],
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<ServeProc> {
   const socket = join(dir, `nbd-${Math.random().toString(36).slice(2, 8)}.sock`);
   const proc = spawn(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'serve', cacheDev, backingDev, ...tableOpts, '--socket', socket, ...extra], {
     cwd: REPO_ROOT,
-    env: process.env,
+    env,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let out = '';

@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, linkSync, mkdirSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { openFileBacking } from '../../src/backing/file.js';
 import { openFileMedium } from '../../src/media/file.js';
-import { acquireDeviceLock, lockFilePath, runDir } from '../../src/media/lock.js';
-import { scratch } from './helpers.js';
+import { ensureRunDir, runDir } from '../../src/media/lock.js';
+import { attachLoop, scratch } from './helpers.js';
 
 const dir = scratch('lock');
 
@@ -22,21 +23,63 @@ function exited(child: ChildProcess): Promise<void> {
   });
 }
 
-test('the runtime directory follows PCACHE_RUN_DIR', () => {
+/** Another process that opens `path` as a cache device (or a backing device) and holds it. */
+async function holder(path: string, what: 'medium' | 'backing', env: NodeJS.ProcessEnv = process.env): Promise<ChildProcess> {
+  const mod = what === 'medium' ? '../../src/media/file.ts' : '../../src/backing/file.ts';
+  const fn = what === 'medium' ? 'openFileMedium' : 'openFileBacking';
+  const code = `
+    const m = await import(${JSON.stringify(new URL(mod, import.meta.url).href)});
+    await m.${fn}(${JSON.stringify(path)});
+    process.stdout.write('ready\\n');
+    setInterval(() => {}, 1000);
+  `;
+  const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code], { stdio: ['ignore', 'pipe', 'inherit'], env });
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.on('data', (d: Buffer) => d.toString().includes('ready') && resolve());
+    child.once('exit', (c) => reject(new Error(`holder exited early (${c})`)));
+  });
+  return child;
+}
+
+test('the runtime directory follows PCACHE_RUN_DIR and is made owner-only whatever the umask', async () => {
   assert.equal(runDir(), join(dir, 'run'));
+  const old = process.umask(0);
+  try {
+    await ensureRunDir();
+  } finally {
+    process.umask(old);
+  }
+  assert.equal(statSync(runDir()).mode & 0o777, 0o700);
 });
 
-test('a second open in the same process fails, naming the device, even through a symlink', async () => {
+test('a shared directory given as PCACHE_RUN_DIR (sticky, writable by all, like /tmp) is left as it is', async () => {
+  const shared = join(dir, 'shared-run');
+  mkdirSync(shared);
+  chmodSync(shared, 0o1777);
+  const before = process.env.PCACHE_RUN_DIR;
+  process.env.PCACHE_RUN_DIR = shared;
+  try {
+    await ensureRunDir();
+  } finally {
+    process.env.PCACHE_RUN_DIR = before;
+  }
+  assert.equal(statSync(shared).mode & 0o7777, 0o1777);
+});
+
+test('a second open in the same process fails, naming the device, through a symlink and a hard link', async () => {
   const path = device('twice.img');
   const link = join(dir, 'twice-link.img');
+  const hard = join(dir, 'twice-hard.img');
   symlinkSync(path, link);
+  linkSync(path, hard);
   const m = await openFileMedium(path);
   await assert.rejects(openFileMedium(path), (err: NodeJS.ErrnoException) => {
     assert.equal(err.code, 'EBUSY');
-    assert.match(err.message, new RegExp(`cache device ${path} is already open in this process`));
+    assert.equal(err.message, `cache device ${path} is in use by this process (pid ${process.pid}): it is already open here`);
     return true;
   });
-  await assert.rejects(openFileMedium(link), /twice-link\.img is already open/);
+  await assert.rejects(openFileMedium(link), /twice-link\.img is in use by this process/);
+  await assert.rejects(openFileMedium(hard), /twice-hard\.img is in use by this process/);
   await m.close();
 });
 
@@ -49,11 +92,8 @@ test('of two concurrent opens exactly one wins', async () => {
 
 test('close releases the lock, so the device can be opened again', async () => {
   const path = device('reopen.img');
-  const lockFile = await lockFilePath(path);
   const m = await openFileMedium(path);
-  assert.equal(readFileSync(lockFile, 'utf8').split('\n')[0], String(process.pid));
   await m.close();
-  assert.equal(existsSync(lockFile), false);
   const again = await openFileMedium(path);
   await again.close();
 });
@@ -62,112 +102,75 @@ test('lock: false takes no lock', async () => {
   const path = device('nolock.img');
   const a = await openFileMedium(path, { lock: false });
   const b = await openFileMedium(path, { lock: false });
-  assert.equal(existsSync(await lockFilePath(path)), false);
   await a.close();
   await b.close();
 });
 
-test('a lock held by a live process fails at once, naming the device and the pid', async () => {
-  const path = device('live.img');
-  const holder = spawn('sleep', ['30'], { stdio: 'ignore' });
+test('readers share a device; a reader and a writer exclude each other', async () => {
+  const path = device('readers.img');
+  const r1 = await openFileMedium(path, { readOnly: true });
+  const r2 = await openFileMedium(path, { readOnly: true });
+  await assert.rejects(openFileMedium(path), /readers\.img is in use by this process/);
+  await r1.close();
+  await r2.close();
+  const w = await openFileMedium(path);
+  await assert.rejects(openFileMedium(path, { readOnly: true }), { code: 'EBUSY' });
+  await w.close();
+});
+
+test('a hard link opened by another process under another run directory is refused, naming the holder', async () => {
+  const path = device('hard.img');
+  const link = join(dir, 'hard-2.img');
+  linkSync(path, link);
+  // The holder keeps its sockets elsewhere: the run directory must not matter.
+  const child = await holder(path, 'medium', { ...process.env, PCACHE_RUN_DIR: join(dir, 'other-run') });
   try {
-    mkdirSync(runDir(), { recursive: true });
-    writeFileSync(await lockFilePath(path), `${holder.pid}\n`);
     const started = Date.now();
-    await assert.rejects(openFileMedium(path), (err: Error) => {
-      assert.equal(err.message, `cache device ${path} is in use by another pcache (pid ${holder.pid})`);
+    await assert.rejects(openFileMedium(link), (err: NodeJS.ErrnoException) => {
+      assert.equal(err.code, 'EBUSY');
+      assert.match(err.message, new RegExp(`^cache device ${link} is in use by another program \\(pid ${child.pid}: .*node`));
       return true;
     });
-    assert.ok(Date.now() - started < 1000, 'must fail at once, not wait');
-    assert.equal(readFileSync(await lockFilePath(path), 'utf8'), `${holder.pid}\n`, 'a live lock is left alone');
-  } finally {
-    holder.kill('SIGKILL');
-    await exited(holder);
-  }
-  // Now the holder is dead: its lock is stale and is taken over.
-  const m = await openFileMedium(path);
-  assert.equal(readFileSync(await lockFilePath(path), 'utf8').split('\n')[0], String(process.pid));
-  await m.close();
-});
-
-test('a stale or garbage lock file is taken over', async () => {
-  const gone = spawn('true', { stdio: 'ignore' });
-  await exited(gone);
-  for (const [i, content] of [`${gone.pid}\n`, '', 'not a pid\n', '0\n', '-1\n'].entries()) {
-    const path = device(`stale-${i}.img`);
-    mkdirSync(runDir(), { recursive: true });
-    writeFileSync(await lockFilePath(path), content);
-    const lock = await acquireDeviceLock(path);
-    assert.equal(readFileSync(lock.file, 'utf8').split('\n')[0], String(process.pid), `content ${JSON.stringify(content)}`);
-    await lock.release();
-    assert.equal(existsSync(lock.file), false);
-  }
-});
-
-test('another pcache process holds the lock until it dies', async () => {
-  const path = device('child.img');
-  const code = `
-    const { openFileMedium } = await import(${JSON.stringify(new URL('../../src/media/file.ts', import.meta.url).href)});
-    await openFileMedium(${JSON.stringify(path)});
-    process.stdout.write('ready\\n');
-    setInterval(() => {}, 1000);
-  `;
-  const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-    env: process.env,
-  });
-  try {
-    await new Promise<void>((resolve, reject) => {
-      child.stdout!.on('data', (d: Buffer) => d.toString().includes('ready') && resolve());
-      child.once('exit', (c) => reject(new Error(`child exited early (${c})`)));
-    });
-    await assert.rejects(openFileMedium(path), new RegExp(`in use by another pcache \\(pid ${child.pid}\\)`));
+    assert.ok(Date.now() - started < 5000, 'must fail at once, not wait');
   } finally {
     child.kill('SIGKILL');
     await exited(child);
   }
-  const m = await openFileMedium(path);
+  // The kernel dropped the dead holder's lock: nothing stale is left to take over.
+  const m = await openFileMedium(link);
   await m.close();
 });
 
-test('processes racing to take over one stale lock: exactly one wins', async () => {
-  const path = device('contended.img');
-  const gone = spawn('true', { stdio: 'ignore' });
-  await exited(gone);
-  mkdirSync(runDir(), { recursive: true });
-  writeFileSync(await lockFilePath(path), `${gone.pid}\n`);
-  const code = `
-    const { acquireDeviceLock } = await import(${JSON.stringify(new URL('../../src/media/lock.ts', import.meta.url).href)});
-    try {
-      await acquireDeviceLock(${JSON.stringify(path)});
-      console.log('won');
-      setTimeout(() => {}, 3000);
-    } catch (err) {
-      console.log(/in use by another pcache/.test(err.message) ? 'busy' : 'error ' + err.message);
-    }
-  `;
-  const children = Array.from({ length: 4 }, () =>
-    spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code], {
-      stdio: ['ignore', 'pipe', 'inherit'],
-      env: process.env,
-    }),
-  );
+test('a backing file is claimed: a second cache over it is refused, naming the first', async () => {
+  const path = device('backing.img');
+  const child = await holder(path, 'backing');
   try {
-    const outcomes = await Promise.all(
-      children.map(
-        (c) =>
-          new Promise<string>((resolve) => {
-            let out = '';
-            c.stdout!.on('data', (d: Buffer) => {
-              out += d.toString();
-              if (out.includes('\n')) resolve(out.trim());
-            });
-          }),
-      ),
-    );
-    assert.deepEqual(outcomes.sort(), ['busy', 'busy', 'busy', 'won']);
+    await assert.rejects(openFileBacking(path), { message: new RegExp(`^backing device ${path} is in use by another program \\(pid ${child.pid}`) });
+    // The same file as a cache device is refused too.
+    await assert.rejects(openFileMedium(path), { code: 'EBUSY' });
   } finally {
-    for (const c of children) c.kill('SIGKILL');
-    await Promise.all(children.map(exited));
+    child.kill('SIGKILL');
+    await exited(child);
+  }
+  const b = await openFileBacking(path);
+  await assert.rejects(openFileBacking(path), /in use by this process/);
+  await b.close();
+});
+
+test('a loop device over a held cache file is refused, and the file under a held loop device', async (t) => {
+  const img = join(dir, 'loop.img');
+  writeFileSync(img, '');
+  truncateSync(img, 4 * 1024 * 1024);
+  const loop = attachLoop(img);
+  if (!loop) return t.skip('needs root and a free loop device');
+  try {
+    const m = await openFileMedium(img);
+    await assert.rejects(openFileMedium(loop.dev), new RegExp(`cache device ${loop.dev} \\(a loop device over ${img}\\) is in use by this process`));
+    await m.close();
+    const viaLoop = await openFileMedium(loop.dev);
+    await assert.rejects(openFileMedium(img), /loop\.img is in use by this process/);
+    await viaLoop.close();
+  } finally {
+    loop.detach();
   }
 });

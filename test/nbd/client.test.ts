@@ -21,7 +21,23 @@ test('parseNbdUri', () => {
   assert.deepEqual(parseNbdUri('nbd+unix:///exp?socket=/tmp/s.sock'), { transport: 'unix', path: '/tmp/s.sock', exportName: 'exp' });
   assert.deepEqual(parseNbdUri('nbd+unix:///?socket=/run/x'), { transport: 'unix', path: '/run/x', exportName: '' });
   assert.throws(() => parseNbdUri('nbd+unix:///exp'), /socket=/);
-  assert.throws(() => parseNbdUri('nbds://h/e'), /TLS/);
+  assert.deepEqual(parseNbdUri('nbds://alice@h:7/e?tls-psk-file=/k.psk'), {
+    transport: 'tcp', host: 'h', port: 7, exportName: 'e', tls: { pskFile: '/k.psk', username: 'alice' },
+  });
+  assert.deepEqual(parseNbdUri('nbds+unix:///e?socket=/s&tls-psk-file=/k&tls-username=bob'), {
+    transport: 'unix', path: '/s', exportName: 'e', tls: { pskFile: '/k', username: 'bob' },
+  });
+  assert.deepEqual(parseNbdUri('nbds://h/?tls-certificates=/pki&tls-verify-peer=false'), {
+    transport: 'tcp', host: 'h', port: 10809, exportName: '', tls: { certificatesDir: '/pki', verifyPeer: false },
+  });
+  assert.deepEqual(parseNbdUri('nbds+unix://carol@/e?socket=/s&tls-psk-file=/k'), {
+    transport: 'unix', path: '/s', exportName: 'e', tls: { pskFile: '/k', username: 'carol' },
+  });
+  assert.deepEqual(parseNbdUri('nbds://h/'), { transport: 'tcp', host: 'h', port: 10809, exportName: '', tls: {} });
+  assert.throws(() => parseNbdUri('nbd://h/?tls-psk-file=/k'), /nbds:\/\//);
+  assert.throws(() => parseNbdUri('nbds://h/?tls-psk-file=/k&tls-certificates=/d'), /exclude/);
+  assert.throws(() => parseNbdUri('nbds://h/?tls-verify-peer=maybe'), /boolean/);
+  assert.throws(() => parseNbdUri('nbds+unix:///e'), /socket=/);
   assert.throws(() => parseNbdUri('http://h/e'), /not an NBD URI/);
   assert.throws(() => parseNbdUri('nonsense'), /invalid NBD URI/);
 });

@@ -51,6 +51,17 @@ export async function haveTool(name: string): Promise<boolean> {
   return ok;
 }
 
+/** Skips the test (saying why) when a tool is missing; true when all are there. */
+export async function needTools(t: { skip(message?: string): void }, ...tools: string[]): Promise<boolean> {
+  for (const tool of tools) {
+    if (!(await haveTool(tool))) {
+      t.skip(`${tool} is not installed`);
+      return false;
+    }
+  }
+  return true;
+}
+
 /**
  * python3-libnbd installs into the system Python; a python3 earlier on PATH (pyenv) cannot
  * import it, which also breaks the nbdsh wrapper. So scripts run with /usr/bin/python3.

@@ -8,20 +8,12 @@ import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { haveTool, havePythonNbd, run, runPython, startServer } from './helpers.js';
+import { haveTool, havePythonNbd, needTools, run, runPython, startServer } from './helpers.js';
 import { ioError } from './memory-device.js';
 
 const MiB = 1024 * 1024;
 
-async function needTool(t: TestContext, ...tools: string[]): Promise<boolean> {
-  for (const tool of tools) {
-    if (!(await haveTool(tool))) {
-      t.skip(`${tool} is not installed`);
-      return false;
-    }
-  }
-  return true;
-}
+const needTool = needTools;
 
 async function needPython(t: TestContext): Promise<boolean> {
   if (!(await havePythonNbd())) {
