@@ -14,6 +14,10 @@ export interface FioJob {
   size: number;
   /** Seconds, time based; or null to do the region once (a burst or a priming pass). */
   runtime: number | null;
+  /** Flush (NBD_CMD_FLUSH) once at the end, inside the measured time: the same durability on every server. */
+  endFsync?: boolean;
+  /** With runtime null: stop after this many seconds if the region is not done by then. */
+  capSeconds?: number;
 }
 
 export interface FioFigures {
@@ -41,7 +45,8 @@ export function fioArgs(job: FioJob, uri: string, output: string): string[] {
     `--offset=${job.offset}`,
     `--size=${slice}`,
     ...(job.numjobs > 1 ? [`--offset_increment=${slice}`] : []),
-    ...(job.runtime !== null ? ['--time_based', `--runtime=${job.runtime}`] : []),
+    ...(job.runtime !== null ? ['--time_based', `--runtime=${job.runtime}`] : job.capSeconds !== undefined ? [`--runtime=${job.capSeconds}`] : []),
+    ...(job.endFsync ? ['--end_fsync=1'] : []),
     '--lat_percentiles=1',
     '--output-format=json',
     `--output=${output}`,

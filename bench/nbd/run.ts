@@ -28,6 +28,7 @@ import {
   machineInfo,
   MiB,
   ownCpuSeconds,
+  parseSize,
   run,
   sleep,
   sparseFile,
@@ -66,13 +67,6 @@ interface Options {
   filter: string | null;
   md: string;
   json: string;
-}
-
-function parseSize(text: string): number {
-  const m = /^(\d+)([KMG]?)i?B?$/i.exec(text.trim());
-  if (!m) throw new Error(`bad size '${text}'`);
-  const unit = { '': 1, K: KiB, M: MiB, G: GiB }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
-  return Number(m[1]) * unit;
 }
 
 function parseOptions(argv: string[]): Options | null {

@@ -23,7 +23,7 @@ export interface Server {
   stop(): Promise<void>;
 }
 
-interface Proc {
+export interface Proc {
   child: ChildProcess;
   exited: Promise<void>;
   log: string;
@@ -32,7 +32,7 @@ interface Proc {
   stdout(): string;
 }
 
-function startProc(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; log: string }): Proc {
+export function startProc(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; log: string }): Proc {
   const out = createWriteStream(opts.log);
   const child = track(spawn(cmd, args, { cwd: opts.cwd, env: opts.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] }));
   let stdout = '';
@@ -59,12 +59,12 @@ function startProc(cmd: string, args: string[], opts: { cwd?: string; env?: Node
   };
 }
 
-function running(p: Proc): boolean {
+export function running(p: Proc): boolean {
   return p.child.exitCode === null && p.child.signalCode === null && p.child.pid !== undefined;
 }
 
 /** End a process: ask politely, then firmly. */
-async function endProc(p: Proc, graceMs: number): Promise<void> {
+export async function endProc(p: Proc, graceMs: number): Promise<void> {
   if (!running(p)) return;
   if (await within(p.exited, graceMs)) return;
   p.child.kill('SIGTERM');
@@ -79,7 +79,7 @@ async function tail(p: Proc): Promise<string> {
 }
 
 /** Wait until an NBD server answers on the socket with its greeting. */
-async function waitNbd(socket: string, p: Proc, what: string, timeoutMs = 30_000): Promise<void> {
+export async function waitNbd(socket: string, p: Proc, what: string, timeoutMs = 30_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (!running(p)) throw new Error(`${what} exited before it was ready${await tail(p)}`);
@@ -184,6 +184,9 @@ export interface PcacheStats {
   readMisses: number;
   readBytes: number;
   readHitBytes: number;
+  /** Segments in use and in all, as `pcache status` prints them: how full the cache is. */
+  segsUsed: number;
+  segNum: number;
 }
 
 async function control(cacheDev: string, cmd: string, args: string[] = []): Promise<unknown> {
@@ -193,7 +196,7 @@ async function control(cacheDev: string, cmd: string, args: string[] = []): Prom
 }
 
 export async function pcacheStats(cacheDev: string): Promise<PcacheStats> {
-  const d = (await control(cacheDev, 'stats')) as { dirtyBytes?: number; counters?: Record<string, number> } | undefined;
+  const d = (await control(cacheDev, 'stats')) as { dirtyBytes?: number; segsUsed?: number; segNum?: number; counters?: Record<string, number> } | undefined;
   const c = d?.counters ?? {};
   return {
     dirtyBytes: d?.dirtyBytes ?? 0,
@@ -203,6 +206,8 @@ export async function pcacheStats(cacheDev: string): Promise<PcacheStats> {
     readMisses: c.readMisses ?? 0,
     readBytes: c.readBytes ?? 0,
     readHitBytes: c.readHitBytes ?? 0,
+    segsUsed: d?.segsUsed ?? 0,
+    segNum: d?.segNum ?? 0,
   };
 }
 

@@ -8,6 +8,14 @@ export const KiB = 1024;
 export const MiB = 1024 * KiB;
 export const GiB = 1024 * MiB;
 
+/** A size as options give it: 512M, 2G, 1536MiB, 4096. */
+export function parseSize(text: string): number {
+  const m = /^(\d+)([KMG]?)i?B?$/i.exec(text.trim());
+  if (!m) throw new Error(`bad size '${text}'`);
+  const unit = { '': 1, K: KiB, M: MiB, G: GiB }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
+  return Number(m[1]) * unit;
+}
+
 /** Every child this process starts, so that an interrupted run can end them all. */
 export const children = new Set<ChildProcess>();
 
