@@ -177,10 +177,11 @@ export class KsetLog {
   /** Move the log to a fresh segment: end the log there first, then point to it with a LAST kset. */
   private async switchSegment(): Promise<void> {
     let seg = this.segments.allocate(0);
+    // Whoever closes this kset (a FLUSH, a FUA write) waits for it.
+    const wait = seg === null ? this.segments.spaceWait(200) : null;
     while (seg === null) {
       this.hooks.needSpace();
-      // Not unref'd: whoever closes this kset (a FLUSH, a FUA write) waits for it.
-      await Promise.race([this.segments.waitForFree(), new Promise((r) => setTimeout(r, 200))]);
+      await wait!.next();
       seg = this.segments.allocate(0);
     }
     try {
