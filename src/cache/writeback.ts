@@ -47,7 +47,10 @@ export class ByteBudget {
   private held = 0;
   private readonly queue: Array<{ n: number; go: () => void }> = [];
 
-  constructor(readonly max: number) {}
+  constructor(
+    readonly max: number,
+    private readonly onChange: (held: number) => void = () => undefined,
+  ) {}
 
   get inUse(): number {
     return this.held;
@@ -56,6 +59,7 @@ export class ByteBudget {
   acquire(n: number): Promise<void> {
     if (this.queue.length === 0 && this.fits(n)) {
       this.held += n;
+      this.onChange(this.held);
       return Promise.resolve();
     }
     return new Promise((go) => this.queue.push({ n, go }));
@@ -68,6 +72,7 @@ export class ByteBudget {
       this.held += w.n;
       w.go();
     }
+    this.onChange(this.held);
   }
 
   /** One grant larger than the whole budget still goes through, alone. */
@@ -201,7 +206,7 @@ export class Writeback {
     bytesInFlight = WB_BYTES_IN_FLIGHT,
   ) {
     this.cursor = dirtyTailPos;
-    this.budget = new ByteBudget(bytesInFlight);
+    this.budget = new ByteBudget(bytesInFlight, (held) => (core.stats.writebackBytesHeld = held));
     this.ahead = this.newReadAhead(dirtyTailPos);
   }
 
@@ -399,6 +404,7 @@ export class Writeback {
     const next = this.ahead.ksets.shift() ?? null;
     // The slot it leaves is taken by the next kset as soon as the one being decoded is.
     this.readAhead();
+    this.core.stats.writebackKsetsAhead = this.ahead.ksets.length;
     return next;
   }
 
@@ -419,6 +425,7 @@ export class Writeback {
           ra.decoding = false;
           ra.end = k.end;
           this.readAhead();
+          if (ra === this.ahead) this.core.stats.writebackKsetsAhead = ra.ksets.length;
         },
         () => {
           ra.decoding = false;
@@ -441,6 +448,7 @@ export class Writeback {
       );
     }
     this.ahead = this.newReadAhead(from);
+    this.core.stats.writebackKsetsAhead = 0;
   }
 
   /**
