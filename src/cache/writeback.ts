@@ -235,6 +235,8 @@ export class Writeback {
     if (this.stopped || this.backoff > 0) return;
     if (this.running) {
       this.again = true;
+      // A kset just written is read ahead at once if there is room, not when its turn comes.
+      this.readAhead();
       return;
     }
     this.schedule(0);
@@ -404,7 +406,6 @@ export class Writeback {
     const next = this.ahead.ksets.shift() ?? null;
     // The slot it leaves is taken by the next kset as soon as the one being decoded is.
     this.readAhead();
-    this.core.stats.writebackKsetsAhead = this.ahead.ksets.length;
     return next;
   }
 
@@ -425,7 +426,6 @@ export class Writeback {
           ra.decoding = false;
           ra.end = k.end;
           this.readAhead();
-          if (ra === this.ahead) this.core.stats.writebackKsetsAhead = ra.ksets.length;
         },
         () => {
           ra.decoding = false;
@@ -433,6 +433,7 @@ export class Writeback {
         },
       );
     }
+    if (ra === this.ahead) this.core.stats.writebackKsetsAhead = ra.ksets.length;
   }
 
   /** Drop what was read ahead (its budget is given back as its reads settle); read again from `from`. */
