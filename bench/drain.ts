@@ -2,7 +2,7 @@
  * Write-back drain over a slow backing device (issue 11): how fast the engine empties a cache,
  * against fio writing the same pattern straight to the same backing device, in one run.
  *
- *   node --import tsx bench/drain.ts [--dir DIR] [--delay-ms 2] [--small-mib 64] [--large-mib 512] [--only small|large]
+ *   node --import tsx bench/drain.ts [--dir DIR] [--delay-ms 2] [--small-mib 64] [--large-mib 512] [--only small|large] [--rounds 3]
  *
  * The backing device is `nbdkit --filter=delay file back.img delay-write=2ms delay-read=2ms` on a
  * unix socket (the stand-in for remote storage); the cache device a 1 GiB file. Per case:
@@ -14,7 +14,8 @@
  * - fio: the same blocks (each once, random order) written straight to the same nbdkit, qd32 for
  *   4 KiB and qd4 for 1 MiB, ending with one flush (--end_fsync=1).
  * Cases: 4 KiB keys (64 MiB) against fio 4 KiB qd32; 1 MiB keys (512 MiB) against fio 1 MiB qd4.
- * The machine is shared: absolute rates are noisy, the ratio of one run is what counts.
+ * Each round measures both sides one after the other; the median of the rounds' ratios is
+ * reported. The machine is shared: absolute rates are noisy, the ratios of one run are what count.
  */
 import { randomFillSync } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
@@ -37,10 +38,11 @@ interface Args {
   smallMiB: number;
   largeMiB: number;
   only: 'small' | 'large' | null;
+  rounds: number;
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { dir: null, delayMs: 2, smallMiB: 64, largeMiB: 512, only: null };
+  const a: Args = { dir: null, delayMs: 2, smallMiB: 64, largeMiB: 512, only: null, rounds: 3 };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i]!;
     const v = argv[++i];
@@ -50,6 +52,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--small-mib') a.smallMiB = Number(v);
     else if (k === '--large-mib') a.largeMiB = Number(v);
     else if (k === '--only' && (v === 'small' || v === 'large')) a.only = v;
+    else if (k === '--rounds' && Number(v) >= 1) a.rounds = Math.floor(Number(v));
     else throw new Error(`unknown argument ${k} ${v}`);
   }
   return a;
@@ -156,19 +159,25 @@ async function main(): Promise<void> {
       { name: 'large', label: '1 MiB keys', bs: MiB, iodepth: 4, bytes: a.largeMiB * MiB },
     ].filter((c) => a.only === null || a.only === c.name);
     for (const c of cases) {
-      const offsets = randomBlocks(c.bytes / c.bs, c.bs, BACKING_SIZE);
-      const cachePath = join(dir, 'cache.img');
-      await fillCache(cachePath, offsets, c.bs);
-      const d = await timedDrain(cachePath, server.uri);
-      const f = await fioDirect(server.uri, c.bs, c.iodepth, c.bytes, join(dir, `fio-${c.name}.json`));
-      const pRate = d.bytes / d.seconds;
-      const fRate = f.bytes / f.seconds;
-      say(
-        `${c.label}: pcache drain ${(d.bytes / MiB).toFixed(0)} MiB in ${d.seconds.toFixed(2)} s = ${(pRate / c.bs).toFixed(0)} keys/s (${(pRate / MiB).toFixed(1)} MiB/s, ${d.ksets} ksets); ` +
-          `fio direct qd${c.iodepth} ${(f.bytes / MiB).toFixed(0)} MiB in ${f.seconds.toFixed(2)} s = ${(fRate / c.bs).toFixed(0)} IOPS (${(fRate / MiB).toFixed(1)} MiB/s); ratio ${(pRate / fRate).toFixed(2)}x`,
-      );
-      say(`  fio: ${f.cmd}`);
-      await fsp.rm(cachePath, { force: true });
+      const ratios: number[] = [];
+      for (let round = 1; round <= a.rounds; round++) {
+        const offsets = randomBlocks(c.bytes / c.bs, c.bs, BACKING_SIZE);
+        const cachePath = join(dir, 'cache.img');
+        await fillCache(cachePath, offsets, c.bs);
+        const d = await timedDrain(cachePath, server.uri);
+        await fsp.rm(cachePath, { force: true });
+        const f = await fioDirect(server.uri, c.bs, c.iodepth, c.bytes, join(dir, `fio-${c.name}.json`));
+        const pRate = d.bytes / d.seconds;
+        const fRate = f.bytes / f.seconds;
+        ratios.push(pRate / fRate);
+        say(
+          `${c.label}, round ${round}: pcache drain ${(d.bytes / MiB).toFixed(0)} MiB in ${d.seconds.toFixed(2)} s = ${(pRate / c.bs).toFixed(0)} keys/s (${(pRate / MiB).toFixed(1)} MiB/s, ${d.ksets} ksets); ` +
+            `fio direct qd${c.iodepth} ${(f.bytes / MiB).toFixed(0)} MiB in ${f.seconds.toFixed(2)} s = ${(fRate / c.bs).toFixed(0)} IOPS (${(fRate / MiB).toFixed(1)} MiB/s); ratio ${(pRate / fRate).toFixed(2)}x`,
+        );
+        if (round === 1) say(`  fio: ${f.cmd}`);
+      }
+      const sorted = [...ratios].sort((x, y) => x - y);
+      say(`${c.label}: median ratio ${sorted[Math.floor(sorted.length / 2)]!.toFixed(2)}x over ${ratios.length} rounds (${ratios.map((r) => r.toFixed(2)).join(', ')})`);
     }
   } finally {
     await server?.stop();
