@@ -52,10 +52,6 @@ export class ByteBudget {
     private readonly onChange: (held: number) => void = () => undefined,
   ) {}
 
-  get inUse(): number {
-    return this.held;
-  }
-
   acquire(n: number): Promise<void> {
     if (this.queue.length === 0 && this.fits(n)) {
       this.held += n;
@@ -220,11 +216,6 @@ export class Writeback {
 
   get clean(): boolean {
     return samePosition(this.dirtyTailPos, this.core.log.keyHead);
-  }
-
-  /** Bytes of cache data held now (read ahead or being written); never above the budget but for one oversized grant. */
-  get bytesHeld(): number {
-    return this.budget.inUse;
   }
 
   start(): void {
