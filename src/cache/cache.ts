@@ -40,6 +40,8 @@ export interface CacheOptions {
   gcPercent?: number;
   /** Write-back looks for work this often when not kicked (dm-pcache: 5 s). */
   writebackIntervalMs?: number;
+  /** GC looks for work this often when not kicked (dm-pcache: 5 s). */
+  gcIntervalMs?: number;
   /** An open kset is closed this long after its first key (dm-pcache: about 1 s). */
   ksetCloseMs?: number;
   /** Format an unformatted device on open (as dm-pcache does). Default true. */
@@ -145,7 +147,7 @@ export class Cache implements BlockDevice {
     const writeback = new Writeback(core, { seg: meta.dirtyTail.seg, off: meta.dirtyTail.off }, dirtyTailRecord(medium, meta.dirtyTailSlot), opts.writebackIntervalMs ?? 5000, () =>
       cache?.gc.kick(),
     );
-    const gc = new Gc(core, { seg: meta.keyTail.seg, off: meta.keyTail.off }, keyTailRecord(medium, meta.keyTailSlot), () => writeback.dirtyTail, flagsGcPercent(meta.cacheInfo.flags));
+    const gc = new Gc(core, { seg: meta.keyTail.seg, off: meta.keyTail.off }, keyTailRecord(medium, meta.keyTailSlot), () => writeback.dirtyTail, flagsGcPercent(meta.cacheInfo.flags), opts.gcIntervalMs);
     cache = new Cache(medium, backing, meta, core, gc, writeback, cacheInfoRecord(medium, meta.cacheInfoSlot), r.endNote);
     const logger = opts.logger ?? silentLogger;
     const failures = new FailureLog(logger);
@@ -162,7 +164,7 @@ export class Cache implements BlockDevice {
     r.segments.onInvalidate = () => cache?.scheduleSweep();
     writeback.start();
     writeback.kick();
-    gc.kick();
+    gc.start();
     cache.spaceTimer = setInterval(() => r.segments.retrySpace(), opts.spaceRetryMs ?? 5000);
     cache.spaceTimer.unref();
     return cache;

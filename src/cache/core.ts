@@ -32,6 +32,10 @@ export interface Counters {
   staleKeysDropped: number;
   writesWaiting: number;
   spaceWaits: number;
+  /** Bytes of cache data write-back holds now: read ahead, or on their way to the backing device. */
+  writebackBytesHeld: number;
+  /** Ksets write-back has decoded (or is decoding) ahead of the one it writes back. */
+  writebackKsetsAhead: number;
 }
 
 export function newCounters(): Counters {
@@ -59,6 +63,8 @@ export function newCounters(): Counters {
     staleKeysDropped: 0,
     writesWaiting: 0,
     spaceWaits: 0,
+    writebackBytesHeld: 0,
+    writebackKsetsAhead: 0,
   };
 }
 

@@ -5,6 +5,16 @@ import type { TwoSlotRecord } from './persist.js';
 
 /** Ksets collected between two key_tail updates: each update costs a sync. */
 const GC_BATCH = 64;
+/** dm-pcache's GC work re-arms itself this often; it collects on an idle cache too. */
+export const GC_INTERVAL_MS = 5000;
+
+/**
+ * Used segments at which GC collects, as dm-pcache's need_gc() computes it: n_segs * gc_percent
+ * / 100 in integer arithmetic (63 segments at 70%: 44, so GC stops at 43).
+ */
+export function gcThreshold(nSegs: number, gcPercent: number): number {
+  return Math.floor((nSegs * gcPercent) / 100);
+}
 
 /**
  * Garbage collection: from key_tail, never past dirty_tail, drop one segment reference per key of
@@ -16,6 +26,7 @@ export class Gc {
   private running: Promise<void> | null = null;
   private again = false;
   private stopped = false;
+  private timer: NodeJS.Timeout | undefined;
   lastError: string | null = null;
   /** Told of every failed run, with the key_tail it stopped at. */
   onError: (err: unknown, keyTail: Position) => void = () => {};
@@ -26,17 +37,44 @@ export class Gc {
     private readonly keyTailRecord: TwoSlotRecord<Position>,
     private readonly dirtyTail: () => Position,
     gcPercent: number,
+    private readonly intervalMs = GC_INTERVAL_MS,
   ) {
     this.gcPercent = gcPercent;
+  }
+
+  /**
+   * Collect now, and every intervalMs from here on: write-back progress and writers waiting for
+   * space kick GC, but a cache left idle above its threshold (after an error, a gc_percent lowered
+   * while nothing ran) must still come down to it, as dm-pcache's self-re-arming GC work does.
+   */
+  start(): void {
+    this.kick();
+    this.arm();
+  }
+
+  private arm(): void {
+    if (this.stopped) return;
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      this.kick();
+      this.arm();
+    }, this.intervalMs);
+    // The timer keeps no process up: a waiting writer or a drain does.
+    this.timer.unref();
   }
 
   get keyTail(): Position {
     return { ...this.keyTailPos };
   }
 
+  /**
+   * need_gc(): used segments at or above the threshold, or a writer waiting for space. Segments on
+   * their way to free (their generation bump in flight) count as free already: dm-pcache frees at
+   * once, and counting them would collect past the threshold while the bumps are written.
+   */
   private wanted(): boolean {
     const s = this.core.segments;
-    return s.waiting > 0 || this.core.stats.writesWaiting > 0 || (s.usedSegments - s.retiring) * 100 >= this.gcPercent * s.n;
+    return s.waiting > 0 || this.core.stats.writesWaiting > 0 || s.usedSegments - s.retiring >= gcThreshold(s.n, this.gcPercent);
   }
 
   kick(): void {
@@ -52,6 +90,8 @@ export class Gc {
 
   async stop(): Promise<void> {
     this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
     await this.running;
   }
 
@@ -60,6 +100,7 @@ export class Gc {
       this.again = false;
       try {
         await this.collect();
+        this.lastError = null;
       } catch (err) {
         this.lastError = err instanceof Error ? err.message : String(err);
         this.onError(err, this.keyTailPos);

@@ -190,10 +190,11 @@ export class KsetLog {
 
   private async allocateSegment(): Promise<number> {
     let seg = this.segments.allocate(0);
+    // Whoever closes this kset (a FLUSH, a FUA write) waits for it.
+    const wait = seg === null ? this.segments.spaceWait(200) : null;
     while (seg === null) {
       this.hooks.needSpace();
-      // Not unref'd: whoever closes this kset (a FLUSH, a FUA write) waits for it.
-      await Promise.race([this.segments.waitForFree(), new Promise((r) => setTimeout(r, 200))]);
+      await wait!.next();
       seg = this.segments.allocate(0);
     }
     return seg;

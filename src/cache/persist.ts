@@ -31,7 +31,16 @@ export class TwoSlotRecord<T> {
     return { ...this.state };
   }
 
-  /** Updates are serialised so that slots alternate in the order the callers asked. */
+  /**
+   * Updates are serialised so that slots alternate in the order the callers asked.
+   *
+   * Spec note (section 2, a known deviation that stays): the next write always goes to the slot
+   * other than the newest one, with seq + 1. For key_tail and dirty_tail the kernel writes the
+   * current slot and moves the index after, so after a reload pcache writes the other slot than
+   * the kernel would (the same record, in the other of the two places). The real dm-pcache read
+   * such images correctly in every scenario tried (issue 14: thirteen scenarios, reloads and
+   * gc_percent changes included): a reader takes the newest valid slot by seq either way.
+   */
   store(value: T): Promise<void> {
     const run = this.chain.then(async () => {
       const slot = (this.state.slot === 0 ? 1 : 0) as 0 | 1;

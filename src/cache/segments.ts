@@ -91,9 +91,14 @@ export class Segments {
     return null;
   }
 
-  /** Resolve once some segment has been freed (or `wake` is called). */
+  /** Resolve once some segment has been freed (or `wake` is called); waiters are woken in the order they came. */
   waitForFree(): Promise<void> {
     return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  /** A place in the queue of those waiting for a free segment (see SpaceWait). */
+  spaceWait(timeoutMs: number): SpaceWait {
+    return new SpaceWait(this, timeoutMs);
   }
 
   wake(): void {
@@ -208,5 +213,34 @@ export class Segments {
     this.usedCount--;
     this.onFree();
     this.wake();
+  }
+}
+
+/**
+ * One waiter's place in the queue for a free segment, kept across attempts: woken by a free, it
+ * takes a new place behind those woken before it (all of them woken at once, in order); woken only
+ * by the time-out (a safety net against a lost wake-up), it keeps the place it has. So writers that
+ * wait on a full cache get space first come, first served.
+ */
+export class SpaceWait {
+  private turn: Promise<void> | null = null;
+
+  constructor(
+    private readonly segments: Segments,
+    private readonly timeoutMs: number,
+  ) {}
+
+  async next(): Promise<void> {
+    this.turn ??= this.segments.waitForFree().then(() => {
+      this.turn = null;
+    });
+    let timer: NodeJS.Timeout | undefined;
+    // Not unref'd: whoever waits here holds a request (a write, a FLUSH closing a kset).
+    const timeout = new Promise<void>((r) => (timer = setTimeout(r, this.timeoutMs)));
+    try {
+      await Promise.race([this.turn, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 }

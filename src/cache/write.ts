@@ -11,11 +11,12 @@ export async function allocWait(core: CacheCore, want: number): Promise<Extent> 
   core.stats.writesWaiting++;
   core.stats.spaceWaits++;
   try {
+    // In turn with other waiting writers; a time-out as well as the wake-up: a lost wake-up costs
+    // a short delay, never a hang.
+    const wait = core.segments.spaceWait(250);
     while (!ext) {
       core.needSpace();
-      // A timer as well as the wake-up: a lost wake-up costs a short delay, never a hang. Not
-      // unref'd: a request is waiting, so the process must stay up until it completes.
-      await Promise.race([core.segments.waitForFree(), new Promise((r) => setTimeout(r, 250))]);
+      await wait.next();
       ext = core.head.tryAlloc(want, LOG_RESERVE);
     }
   } finally {

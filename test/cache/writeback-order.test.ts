@@ -13,6 +13,7 @@ import { test } from 'node:test';
 import { MemoryBacking, type BackingOp } from '../../src/backing/memory.js';
 import { Cache } from '../../src/cache/cache.js';
 import { loadMeta } from '../../src/cache/meta.js';
+import { WB_WRITE_MAX } from '../../src/cache/writeback.js';
 import {
   decodeKset,
   decodePosition,
@@ -155,7 +156,7 @@ test(`write-back goes kset by kset, in log order, each closed by a backing flush
       }
     }
   };
-  const merged = (rs: Array<{ from: number; to: number }>): string => {
+  const mergedRanges = (rs: Array<{ from: number; to: number }>): Array<{ from: number; to: number }> => {
     const sorted = [...rs].sort((a, b) => a.from - b.from);
     const out: Array<{ from: number; to: number }> = [];
     for (const r of sorted) {
@@ -163,17 +164,25 @@ test(`write-back goes kset by kset, in log order, each closed by a backing flush
       if (lastR && r.from <= lastR.to) lastR.to = Math.max(lastR.to, r.to);
       else out.push({ ...r });
     }
-    return out.map((r) => `${r.from}-${r.to}`).join(',');
+    return out;
   };
+  const merged = (rs: Array<{ from: number; to: number }>): string =>
+    mergedRanges(rs)
+      .map((r) => `${r.from}-${r.to}`)
+      .join(',');
+  let mergedWrites = 0;
   for (const e of events) {
     switch (e.t) {
       case 'bwrite': {
         const k = ksets[flushed];
         assert.ok(k, 'a backing write after the last kset was written back');
+        // Keys that meet end to end go out as one write: it lies inside their union.
         assert.ok(
-          dirtyRanges[flushed]!.some((r) => r.from <= e.off && e.off + e.data.length <= r.to),
-          `backing write ${e.off}+${e.data.length} lies inside a dirty key of kset ${flushed} at ${formatPosition(k.pos)}`,
+          mergedRanges(dirtyRanges[flushed]!).some((r) => r.from <= e.off && e.off + e.data.length <= r.to),
+          `backing write ${e.off}+${e.data.length} lies inside the dirty keys of kset ${flushed} at ${formatPosition(k.pos)}`,
         );
+        assert.ok(e.data.length <= WB_WRITE_MAX, `backing write ${e.off}+${e.data.length} is at most ${WB_WRITE_MAX} bytes`);
+        if (!dirtyRanges[flushed]!.some((r) => r.from <= e.off && e.off + e.data.length <= r.to)) mergedWrites++;
         e.data.copy(mirror, e.off);
         sinceFlush.push({ from: e.off, to: e.off + e.data.length });
         break;
@@ -204,6 +213,7 @@ test(`write-back goes kset by kset, in log order, each closed by a backing flush
     }
   }
   assert.equal(flushed, ksets.length, 'every kset was written back with its own flush');
+  assert.ok(mergedWrites > 0, 'keys adjacent on the backing device were merged into one backing write');
   assert.ok(samePosition(lastTail, cache.keyHead), 'the last dirty_tail update reached key_head');
 });
 

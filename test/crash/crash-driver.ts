@@ -4,7 +4,8 @@
  * A *lineage* is one cache device and one backing device. It runs a random workload (mixed sizes,
  * overlaps, FUA writes, flushes, zeroing writes, reads) until a chosen moment: any time, or inside
  * a kset write, a log segment switch, a key_tail or dirty_tail update, a generation bump, a
- * write-back batch or its flush, a data write or a sync. There the power is cut: both devices
+ * write-back batch (a merged backing write of adjacent keys among them) or its flush, a read of
+ * the cache device while write-back holds several ksets read ahead, a data write or a sync. There the power is cut: both devices
  * yield a crash image (synced writes, plus any subset of unsynced ones, torn at 512 B), the engine
  * is abandoned, `checkCache` must pass on the image, the cache is reopened from the two images,
  * and every sector written since the last crash point (and a sample of the rest) is read back and
@@ -130,9 +131,23 @@ async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<
 const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * A backing write that holds more than one write's data (keys adjacent on the backing device that
+ * write-back merged into one write): its sectors carry more than one tag, or tags and zeros.
+ */
+function isMergedWrite(data: Buffer): boolean {
+  const idAt = (at: number): number => (data.readUInt32LE(at) === 0 ? -1 : data.readUInt32LE(at + 4));
+  const first = idAt(0);
+  for (let at = SECTOR; at + SECTOR <= data.length; at += SECTOR) if (idAt(at) !== first) return true;
+  return false;
+}
+
 /** What an I/O is, in the engine's terms. */
 function classify(src: 'medium' | 'backing', io: IssuedIo): string {
-  if (src === 'backing') return io.op === 'write' ? 'wb-write' : io.op === 'flush' ? 'wb-flush' : 'backing-read';
+  if (src === 'backing') {
+    if (io.op === 'write') return isMergedWrite(io.data!) ? 'wb-write-merged' : 'wb-write';
+    return io.op === 'flush' ? 'wb-flush' : 'backing-read';
+  }
   if (io.op === 'flush') return 'sync';
   if (io.op === 'read') return 'medium-read';
   const off = io.offset;
@@ -175,6 +190,8 @@ const PLANS: Array<[string, number, boolean, number]> = [
   ['gen', 3, true, 3],
   ['wb-write', 8, false, 24],
   ['wb-write-unsynced', 6, false, 4],
+  ['wb-write-merged', 8, false, 2],
+  ['wb-read-ahead', 6, false, 8],
   ['dirty-tail-unsynced', 6, false, 2],
   ['wb-flush', 5, false, 6],
   ['data', 5, false, 40],
@@ -453,7 +470,13 @@ class Lineage {
       // where acting on a kset before it is durable would show.
       if (kind === 'kset' || kind === 'last-kset') unsyncedKsets++;
       else if (kind === 'sync') unsyncedKsets = 0;
-      const alias = unsyncedKsets > 0 && (kind === 'wb-write' || kind === 'dirty-tail') ? `${kind}-unsynced` : null;
+      // A merged write is a write-back write too (its n-th counts for both).
+      const isWbWrite = kind === 'wb-write' || kind === 'wb-write-merged';
+      let alias = unsyncedKsets > 0 && (isWbWrite || kind === 'dirty-tail') ? `${isWbWrite ? 'wb-write' : kind}-unsynced` : null;
+      if (kind === 'wb-write-merged' && !alias) alias = 'wb-write';
+      // A read of the cache device while write-back holds two or more ksets read ahead of the one
+      // it writes back: their data is being read, their segments pinned.
+      if (src === 'medium' && kind === 'medium-read' && this.cache.status().counters.writebackKsetsAhead >= 2) alias = 'wb-read-ahead';
       if (alias) bump(res.events, alias);
       if (plan.kind === 'time') return;
       if (armedSync && kind === 'sync') return cut(planLabel);

@@ -44,7 +44,7 @@ test(`crash driver: ${POINTS} power cuts under a random workload, reopened and v
   assert.equal(r.fullCompares, r.lineages, 'every lineage ended with a full compare of the drained backing device');
   if (POINTS >= 1000) {
     // The run reached every kind of moment it aims at, not only random ones.
-    for (const k of ['time', 'kset', 'kset-trailer', 'log-end', 'last-kset', 'key-tail', 'dirty-tail', 'gen', 'reuse', 'wb-write', 'wb-flush', 'data', 'sync']) {
+    for (const k of ['time', 'kset', 'kset-trailer', 'log-end', 'last-kset', 'key-tail', 'dirty-tail', 'gen', 'reuse', 'wb-write', 'wb-write-merged', 'wb-read-ahead', 'wb-flush', 'data', 'sync']) {
       assert.ok((r.crashedAt[k] ?? 0) > 0, `no crash point at ${k}: ${JSON.stringify(r.crashedAt)}`);
     }
   }
