@@ -78,6 +78,16 @@ export interface NbdServerOptions {
   /** Largest READ/WRITE length accepted, advertised as the maximum block size. Default 32 MiB. */
   maxBlock?: number;
   log?: (msg: string) => void;
+  /** Sees connections and finished device requests, for metrics and logs; must not throw. */
+  observer?: NbdServerObserver;
+}
+
+/** Hooks for whoever watches the server; each call is cheap and synchronous. */
+export interface NbdServerObserver {
+  connected?(peer: string): void;
+  disconnected?(peer: string): void;
+  /** A device request (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES) replied to; `error` when it failed. */
+  requestDone?(op: string, bytes: number, seconds: number, error?: unknown): void;
 }
 
 export interface NbdServerStats {
@@ -155,6 +165,7 @@ interface Shared {
   description: string | undefined;
   maxBlock: number;
   log: (msg: string) => void;
+  observer: NbdServerObserver | undefined;
   stats: NbdServerStats;
   closing: boolean;
   /** Device calls not yet settled, across all connections. */
@@ -178,6 +189,7 @@ export function createNbdServer(opts: NbdServerOptions): NbdServer {
     description: opts.description,
     maxBlock,
     log,
+    observer: opts.observer,
     stats: {
       connectionsTotal: 0,
       connectionsActive: 0,
@@ -330,6 +342,7 @@ class Connection {
     });
     socket.on('close', () => this.onClose());
     this.shared.log(`${this.peer}: connected`);
+    shared.observer?.connected?.(this.peer);
     this.handshake().then(
       (ok) => {
         if (ok) this.startTransmission();
@@ -425,6 +438,7 @@ class Connection {
     this.queue.clear();
     this.shared.stats.connectionsActive--;
     this.shared.log(`${this.peer}: closed`);
+    this.shared.observer?.disconnected?.(this.peer);
     this.resolveClosed();
   }
 
@@ -731,6 +745,11 @@ class Connection {
   private run<T>(req: RequestHeader, bytes: number, call: () => Promise<T>, done: (value: T) => void): void {
     this.inflight++;
     this.inflightBytes += bytes;
+    const observer = this.shared.observer?.requestDone ? this.shared.observer : undefined;
+    const started = observer ? process.hrtime.bigint() : 0n;
+    const observe = (err?: unknown): void => {
+      if (observer) observer.requestDone!(commandName(req.type), req.length, Number(process.hrtime.bigint() - started) / 1e9, err);
+    };
     let p: Promise<T>;
     try {
       p = call();
@@ -741,10 +760,12 @@ class Connection {
     const tracked = p.then(
       (value) => {
         done(value);
+        observe();
         this.settle(bytes);
       },
       (err: unknown) => {
         this.deviceFailed(req, err);
+        observe(err);
         this.settle(bytes);
       },
     );
