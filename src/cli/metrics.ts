@@ -4,7 +4,7 @@
  * always agrees with `pcache stats`.
  */
 import http from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { BackingDevice, BackingState } from '../backing/backing.js';
 import type { CacheStatus } from '../cache/status.js';
@@ -262,7 +262,7 @@ export async function startMetricsServer(
     }
     res.writeHead(404, { 'content-type': 'text/plain' }).end('not found\n');
   });
-  const sockets = new Set<import('node:net').Socket>();
+  const sockets = new Set<Socket>();
   server.on('connection', (s) => {
     sockets.add(s);
     s.on('close', () => sockets.delete(s));

@@ -73,7 +73,7 @@ export class Progress {
     const total = this.total;
     const frac = total === null ? null : total > 0 ? Math.min(1, Math.max(0, done / total)) : 1;
     let text = frac === null ? `${mib(done)}` : `${Math.floor(frac * 100).toString().padStart(3)}%  ${mib(done)} of ${mib(total!)}`;
-    text += `${extra.detail ? `, ${extra.detail}` : ''}, ${rate.toFixed(1)} MiB/s, ${secs.toFixed(0)} s`;
+    text += `${extra.detail ? `, ${extra.detail}` : ''}, ${rate.toFixed(1)} MiB/s, ${Math.floor(secs)} s`;
     if (extra.note) text += `  (${extra.note})`;
     if (this.tty) {
       const bar = frac === null ? '' : `[${'#'.repeat(Math.round(frac * BAR_WIDTH))}${'.'.repeat(BAR_WIDTH - Math.round(frac * BAR_WIDTH))}] `;
