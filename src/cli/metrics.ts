@@ -78,9 +78,11 @@ export function createMetrics(src: MetricsSources): PcacheMetrics {
     buckets: LATENCY_BUCKETS,
     registers,
   });
+  // Series exist from the start (at 0), so rate() and dashboards see them before the first request.
   for (const op of ['read', 'write', 'flush']) {
     requests.inc({ op }, 0);
     requestBytes.inc({ op }, 0);
+    requestErrors.inc({ op }, 0);
   }
   const observer: NbdServerObserver = {
     requestDone(op, bytes, seconds, error) {

@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { REPO_ROOT, runPcache } from '../helpers/cli.js';
@@ -118,6 +119,12 @@ h.shutdown()
 
   const missing = await fetch(s.url.replace(/\/metrics$/, '/nope'));
   assert.equal(missing.status, 404);
+
+  // The sample Grafana dashboard asks only for metrics the server has.
+  const dashboard = await readFile(join(REPO_ROOT, 'contrib/grafana-dashboard.json'), 'utf8');
+  const used = new Set([...dashboard.matchAll(/\bpcache_[a-z_]+/g)].map((m) => m[0]));
+  assert.ok(used.size >= 10);
+  for (const name of used) assert.match(flushed.text, new RegExp(`^${name}[{ ]`, 'm'), `${name} (used by the dashboard) is served`);
 });
 
 test('stats --watch renders frames with rates until --count, and until SIGINT without it', async (t) => {
