@@ -745,11 +745,7 @@ class Connection {
   private run<T>(req: RequestHeader, bytes: number, call: () => Promise<T>, done: (value: T) => void): void {
     this.inflight++;
     this.inflightBytes += bytes;
-    const observer = this.shared.observer?.requestDone ? this.shared.observer : undefined;
-    const started = observer ? process.hrtime.bigint() : 0n;
-    const observe = (err?: unknown): void => {
-      if (observer) observer.requestDone!(commandName(req.type), req.length, Number(process.hrtime.bigint() - started) / 1e9, err);
-    };
+    const started = this.shared.observer?.requestDone ? process.hrtime.bigint() : 0n;
     let p: Promise<T>;
     try {
       p = call();
@@ -760,17 +756,21 @@ class Connection {
     const tracked = p.then(
       (value) => {
         done(value);
-        observe();
+        if (started) this.observeDone(req, started);
         this.settle(bytes);
       },
       (err: unknown) => {
         this.deviceFailed(req, err);
-        observe(err);
+        if (started) this.observeDone(req, started, err);
         this.settle(bytes);
       },
     );
     this.shared.deviceCalls.add(tracked);
     tracked.finally(() => this.shared.deviceCalls.delete(tracked));
+  }
+
+  private observeDone(req: RequestHeader, started: bigint, err?: unknown): void {
+    this.shared.observer!.requestDone!(commandName(req.type), req.length, Number(process.hrtime.bigint() - started) / 1e9, err);
   }
 
   private settle(bytes: number): void {
