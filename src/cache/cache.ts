@@ -320,6 +320,8 @@ export class Cache implements BlockDevice {
       await this.persistLog();
       let errors = 0;
       while (!this.writeback.clean) {
+        // A stopped write-back engine wakes nobody: waiting on would hold the process forever.
+        if (this.closed) throw new CacheError('the cache was closed before write-back finished', 'EIO');
         const before = this.core.stats.writebackErrors;
         const p = this.writeback.progress();
         this.writeback.kick();

@@ -29,6 +29,15 @@ export interface CheckOptions {
   backingSize?: number;
   /** Stop listing problems after this many (a forged log could otherwise name millions). */
   maxProblems?: number;
+  /** Called after each kset with the bytes read so far (log and, with data_crc, key data). */
+  onProgress?: (p: CheckProgress) => void;
+}
+
+export interface CheckProgress {
+  /** Log bytes and key data bytes read so far. */
+  bytesRead: number;
+  ksets: number;
+  keys: number;
 }
 
 export interface CheckReport {
@@ -197,6 +206,7 @@ async function checkLog(
   const dataCrc = report.dataCrc === true;
   const used = new Set<number>();
   let dirtyMet = false;
+  let dataBytesRead = 0;
 
   const checkKey = async (where: string, key: Key): Promise<void> => {
     const bad = validateKey(key, { nSegs, backingSize: opts.backingSize });
@@ -222,6 +232,7 @@ async function checkLog(
     // validateKey bounded seg and the range, so this read stays inside the segment's data area.
     const data = Buffer.allocUnsafe(key.len);
     await medium.read(data, dataOffset(meta.physOf[key.seg]!, key.segOff));
+    dataBytesRead += key.len;
     const crc = pcacheCrc(data);
     if (crc !== key.dataCrc) {
       problem(`${where}: ${describeKey(key)}: data_crc mismatch (stored 0x${hex32(key.dataCrc)}, data has 0x${hex32(crc)})`);
@@ -234,14 +245,14 @@ async function checkLog(
     if (samePosition(pos, meta.dirtyTail)) dirtyMet = true;
     report.ksets++;
     report.logBytes += kset.size;
-    if (kset.last) {
-      report.lastKsets++;
-      return;
+    if (kset.last) report.lastKsets++;
+    else {
+      for (let i = 0; i < kset.keys.length; i++) {
+        report.keys++;
+        await checkKey(`kset at ${formatPosition(pos)} key ${i}`, kset.keys[i]!);
+      }
     }
-    for (let i = 0; i < kset.keys.length; i++) {
-      report.keys++;
-      await checkKey(`kset at ${formatPosition(pos)} key ${i}`, kset.keys[i]!);
-    }
+    opts.onProgress?.({ bytesRead: report.logBytes + dataBytesRead, ksets: report.ksets, keys: report.keys });
   });
 
   report.keyHead = { seg: end.head.seg, off: end.head.off };

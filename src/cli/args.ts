@@ -84,3 +84,12 @@ export function parseSizeOption(name: string, text: string): number {
   if (!Number.isSafeInteger(n)) throw new UsageError(`--${name} must be a size in bytes (e.g. 268435456 or 256M), not '${text}'`);
   return n;
 }
+
+/** HOST:PORT, [IPv6]:PORT, or :PORT for `defaultHost`. */
+export function parseHostPort(name: string, text: string, defaultHost: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text);
+  if (!m) throw new UsageError(`--${name} takes HOST:PORT, not '${text}'`);
+  const port = Number(m[3]);
+  if (port > 65535) throw new UsageError(`--${name}: port ${port} is out of range`);
+  return { host: m[1] ?? (m[2] || defaultHost), port };
+}

@@ -4,8 +4,12 @@ import { parseArgs, parseSizeOption } from './args.js';
 import type { CliIo, Command } from './command.js';
 import { withCacheDevice } from './device.js';
 import { EXIT_FAILURE, EXIT_OK } from './errors.js';
+import { Progress } from './progress.js';
 
-const help = `usage: pcache check <cache-dev> [--json] [--backing-size N]
+/** A check this quick shows no progress at all. */
+const PROGRESS_AFTER_MS = 1_000;
+
+const help = `usage: pcache check <cache-dev> [--json] [--backing-size N] [--quiet]
 
 Validate a cache device: the superblock, both slots of every two-slot record, the segment
 chain, the tails and their order, every kset from key_tail to the end of the log with its keys,
@@ -15,11 +19,14 @@ Warnings (such as the harmless leftovers of a torn update) do not fail the check
   --json              print the full report as JSON
   --backing-size N    the backing device's size (bytes, or with K/M/G/T); keys reaching
                       past it are problems
+  --quiet             no progress output (shown on stderr when a check takes over a second:
+                      a bar on a terminal, a line every few seconds otherwise)
 `;
 
 const spec = {
   json: { type: 'boolean' },
   'backing-size': { type: 'string', value: 'N' },
+  quiet: { type: 'boolean' },
 } as const;
 
 function pos(p: Position | null): string {
@@ -56,7 +63,20 @@ async function run(argv: string[], io: CliIo): Promise<number> {
   const sizeText = args.options['backing-size'];
   const backingSize = sizeText === undefined ? undefined : parseSizeOption('backing-size', sizeText);
   const path = args.positionals[0]!;
-  const report = await withCacheDevice(path, { readOnly: true }, (medium) => checkCache(medium, { backingSize }));
+  const progress = new Progress(io, { label: 'check', total: null, quiet: args.options.quiet === true, quietForMs: PROGRESS_AFTER_MS });
+  let last = { bytesRead: 0, ksets: 0 };
+  const show = (force: boolean): void => progress.update(last.bytesRead, { detail: `${last.ksets} ksets`, force });
+  const report = await withCacheDevice(path, { readOnly: true }, (medium) =>
+    checkCache(medium, {
+      backingSize,
+      onProgress: (p) => {
+        last = p;
+        show(false);
+      },
+    }),
+  );
+  show(true);
+  progress.end();
   io.out(args.options.json ? JSON.stringify(report, null, 2) + '\n' : formatCheckReport(report));
   if (report.clean) return EXIT_OK;
   const n = report.problems.length;

@@ -174,11 +174,28 @@ export async function startControlServer(
   };
 }
 
-/** Send one request to the server of `cacheDev`; `onProgress` sees progress replies. */
-export async function controlRequest(cacheDev: string, req: ControlRequest, onProgress?: (data: unknown) => void): Promise<ControlResult> {
+/**
+ * Send one request to the server of `cacheDev`; `onProgress` sees progress replies. Aborting
+ * `signal` drops the connection and rejects with its reason (the server carries on regardless).
+ */
+export async function controlRequest(
+  cacheDev: string,
+  req: ControlRequest,
+  onProgress?: (data: unknown) => void,
+  signal?: AbortSignal,
+): Promise<ControlResult> {
   const path = await controlSocketPath(cacheDev);
   return new Promise((resolve, reject) => {
     const sock = net.createConnection(path);
+    if (signal) {
+      const onAbort = (): void => {
+        reject(signal.reason);
+        sock.destroy();
+      };
+      if (signal.aborted) onAbort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      sock.on('close', () => signal.removeEventListener('abort', onAbort));
+    }
     let buf = '';
     let result: ControlResult | undefined;
     sock.setEncoding('utf8');

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import type { CliIo, Command } from './command.js';
 import { COMMANDS } from './commands.js';
 import { CliError, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, isSystemError, messageOf, UsageError } from './errors.js';
@@ -7,10 +8,16 @@ async function loadCommand(name: string): Promise<Command | undefined> {
   return load ? (await load()).command : undefined;
 }
 
+/** The package's version; the same relative path from src/cli and from the compiled dist/cli. */
+export function packageVersion(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
 async function usage(): Promise<string> {
   const names = Object.keys(COMMANDS);
   const width = Math.max(...names.map((n) => n.length));
-  const lines = ['usage: pcache <command> [options]', '', 'commands:'];
+  const lines = ['usage: pcache <command> [options]', '       pcache --version', '', 'commands:'];
   for (const name of names) lines.push(`  ${name.padEnd(width)}  ${(await loadCommand(name))!.summary}`);
   lines.push('', "Run 'pcache <command> --help' for a command's options.");
   return lines.join('\n') + '\n';
@@ -26,6 +33,10 @@ export async function runCli(argv: readonly string[], io: CliIo): Promise<number
     if (name === undefined) {
       io.err(await usage());
       return EXIT_USAGE;
+    }
+    if (name === '--version' || name === '-V') {
+      io.out(`pcache ${packageVersion()}\n`);
+      return EXIT_OK;
     }
     if (name === '-h' || name === '--help' || name === 'help') {
       const topic = name === 'help' ? rest[0] : undefined;

@@ -7,9 +7,10 @@ import { isBlank, loadMeta } from '../cache/meta.js';
 import type { CacheStatus } from '../cache/status.js';
 import { flagsInitDone, formatPosition, FormatError, MiB, samePosition } from '../format/index.js';
 import { parseArgs, parseIntOption } from './args.js';
-import { processIo, type CliIo, type Command } from './command.js';
+import type { CliIo, Command } from './command.js';
 import { openCacheDevice } from './device.js';
 import { CliError, EXIT_OK, messageOf } from './errors.js';
+import { mib, Progress } from './progress.js';
 
 const RETRIES_DEFAULT = 5;
 
@@ -33,53 +34,6 @@ const spec = {
   retries: { type: 'string', value: 'N' },
   quiet: { type: 'boolean' },
 } as const;
-
-function mib(bytes: number): string {
-  return `${(bytes / MiB).toFixed(1)} MiB`;
-}
-
-/** Draws progress on a terminal (one redrawn line) or as a plain line every few seconds. */
-class Progress {
-  private lastDraw = 0;
-  private drawn = false;
-
-  constructor(
-    private readonly io: CliIo,
-    private readonly tty: boolean,
-    private readonly totalDirty: number,
-    private readonly started: number,
-    private readonly quiet: boolean,
-  ) {}
-
-  update(s: CacheStatus, force = false): void {
-    if (this.quiet) return;
-    const now = Date.now();
-    if (!force && now - this.lastDraw < (this.tty ? 100 : 2000)) return;
-    this.lastDraw = now;
-    const done = Math.max(0, this.totalDirty - s.counters.dirtyBytes);
-    const frac = this.totalDirty > 0 ? Math.min(1, done / this.totalDirty) : 1;
-    const secs = Math.max(0.001, (now - this.started) / 1000);
-    const rate = s.counters.writtenBackBytes / MiB / secs;
-    const text =
-      `${Math.floor(frac * 100)
-        .toString()
-        .padStart(3)}%  ${mib(done)} of ${mib(this.totalDirty)}, ${s.counters.writtenBackKsets} ksets, ` +
-      `${rate.toFixed(1)} MiB/s${s.writebackError ? `  (retrying: ${s.writebackError})` : ''}`;
-    if (this.tty) {
-      const width = 30;
-      const fill = Math.round(frac * width);
-      this.io.err(`\r\x1b[K[${'#'.repeat(fill)}${'.'.repeat(width - fill)}] ${text}`);
-      this.drawn = true;
-    } else {
-      this.io.err(`pcache: writeback: ${text}\n`);
-    }
-  }
-
-  end(): void {
-    if (this.drawn) this.io.err('\n');
-    this.drawn = false;
-  }
-}
 
 async function openBackingDevice(spec: string): Promise<BackingDevice> {
   if (!isNbdUri(spec) && foreignScheme(spec) === null) {
@@ -129,17 +83,24 @@ async function run(argv: string[], io: CliIo): Promise<number> {
       const first = cache.status();
       const from = first.dirtyTail;
       const to = first.keyHead;
-      const tty = io === processIo && process.stderr.isTTY === true;
-      const progress = new Progress(io, tty, first.counters.dirtyBytes, started, args.options.quiet === true);
+      const totalDirty = first.counters.dirtyBytes;
+      const progress = new Progress(io, { label: 'writeback', total: totalDirty, quiet: args.options.quiet === true });
+      const show = (s: CacheStatus, force = false): void =>
+        progress.update(Math.max(0, totalDirty - s.counters.dirtyBytes), {
+          rateBytes: s.counters.writtenBackBytes,
+          detail: `${s.counters.writtenBackKsets} ksets`,
+          note: s.writebackError ? `retrying: ${s.writebackError}` : null,
+          force,
+        });
       try {
-        await cache.drain({ maxErrors: retries, onProgress: (s) => progress.update(s) });
+        await cache.drain({ maxErrors: retries, onProgress: (s) => show(s) });
       } catch (err) {
         progress.end();
         await cache.close().catch(() => undefined);
         throw new CliError(`${cachePath}: ${messageOf(err)}; the cache still holds the rest (dirty_tail ${formatPosition(cache.dirtyTail)})`);
       }
       const last = cache.status();
-      if (last.counters.writtenBackKsets > 0) progress.update(last, true);
+      if (last.counters.writtenBackKsets > 0) show(last, true);
       progress.end();
       await cache.close();
       if (!samePosition(last.dirtyTail, last.keyHead)) throw new CliError(`${cachePath}: write-back stopped at ${formatPosition(last.dirtyTail)} before key_head ${formatPosition(last.keyHead)}`);

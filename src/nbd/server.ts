@@ -112,6 +112,16 @@ export interface NbdServerOptions {
   stalledReplyTimeoutMs?: number;
   /** NBD_OPT_STARTTLS support; null or absent: no TLS. */
   tls?: ServerTls | null;
+  /** Sees connections and finished device requests, for metrics and logs; must not throw. */
+  observer?: NbdServerObserver;
+}
+
+/** Hooks for whoever watches the server; each call is cheap and synchronous. */
+export interface NbdServerObserver {
+  connected?(peer: string): void;
+  disconnected?(peer: string): void;
+  /** A device request (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES) replied to; `error` when it failed. */
+  requestDone?(op: string, bytes: number, seconds: number, error?: unknown): void;
 }
 
 export interface NbdServerStats {
@@ -241,6 +251,7 @@ interface Shared {
   totalQueueBytes: number;
   tls: ServerTls | null;
   log: (msg: string) => void;
+  observer: NbdServerObserver | undefined;
   stats: NbdServerStats;
   closing: boolean;
   /** Device calls not yet settled, across all connections. */
@@ -285,6 +296,7 @@ export function createNbdServer(opts: NbdServerOptions): NbdServer {
     totalQueueBytes: positiveInteger('totalQueueBytes', opts.totalQueueBytes, DEFAULT_TOTAL_QUEUE_BYTES),
     tls: opts.tls ?? null,
     log,
+    observer: opts.observer,
     stats: {
       connectionsTotal: 0,
       connectionsActive: 0,
@@ -516,6 +528,7 @@ class Connection {
     }, shared.handshakeTimeoutMs);
     this.handshakeTimer.unref();
     this.shared.log(`${this.peer}: connected`);
+    shared.observer?.connected?.(this.peer);
     this.handshake().then(
       (ok) => {
         if (ok) this.startTransmission();
@@ -644,6 +657,7 @@ class Connection {
     this.queue.clear();
     this.shared.stats.connectionsActive--;
     this.shared.log(`${this.peer}: closed`);
+    this.shared.observer?.disconnected?.(this.peer);
     this.resolveClosed();
   }
 
@@ -1063,6 +1077,7 @@ class Connection {
     this.inflight++;
     this.inflightBytes += bytes;
     this.hold(bytes);
+    const started = this.shared.observer?.requestDone ? process.hrtime.bigint() : 0n;
     let p: Promise<T>;
     try {
       p = call();
@@ -1073,15 +1088,21 @@ class Connection {
     const tracked = p.then(
       (value) => {
         done(value);
+        if (started) this.observeDone(req, started);
         this.settle(bytes);
       },
       (err: unknown) => {
         this.deviceFailed(req, err);
+        if (started) this.observeDone(req, started, err);
         this.settle(bytes);
       },
     );
     this.shared.deviceCalls.add(tracked);
     tracked.finally(() => this.shared.deviceCalls.delete(tracked));
+  }
+
+  private observeDone(req: RequestHeader, started: bigint, err?: unknown): void {
+    this.shared.observer!.requestDone!(commandName(req.type), req.length, Number(process.hrtime.bigint() - started) / 1e9, err);
   }
 
   private settle(bytes: number): void {
