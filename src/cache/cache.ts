@@ -18,6 +18,7 @@ import { newCounters, type CacheCore, type Counters } from './core.js';
 import { DataHead } from './data-head.js';
 import { DataWriter } from './data-writer.js';
 import { CacheError } from './errors.js';
+import { FillGate, SEQUENTIAL_CUTOFF_DEFAULT } from './fill.js';
 import { formatCache } from './format.js';
 import { Gc } from './gc.js';
 import { KsetLog } from './kset-log.js';
@@ -42,6 +43,12 @@ export interface CacheOptions {
   ksetCloseMs?: number;
   /** Format an unformatted device on open (as dm-pcache does). Default true. */
   formatIfBlank?: boolean;
+  /** Read streams longer than this many bytes are not filled into the cache; 0: no cutoff. Default 4 MiB. */
+  sequentialCutoff?: number;
+}
+
+function validCutoff(n: number): boolean {
+  return Number.isSafeInteger(n) && n >= 0;
 }
 
 function checkOptions(meta: CacheMeta, opts: CacheOptions): void {
@@ -90,6 +97,7 @@ export class Cache implements BlockDevice {
     if (opts.gcPercent !== undefined && (!Number.isInteger(opts.gcPercent) || opts.gcPercent < 0 || opts.gcPercent > GC_PERCENT_MAX)) {
       throw new CacheError(`gc_percent must be within 0..${GC_PERCENT_MAX}`);
     }
+    if (opts.sequentialCutoff !== undefined && !validCutoff(opts.sequentialCutoff)) throw new CacheError('sequential_cutoff must be a whole number of bytes >= 0');
     if ((opts.formatIfBlank ?? true) && (await isBlank(medium))) {
       const f = await formatCache(medium, { dataCrc: opts.dataCrc ?? false, mode: opts.cacheMode ?? 'writeback', gcPercent: opts.gcPercent ?? GC_PERCENT_DEFAULT });
       if (f instanceof FormatError) throw new CacheError(f.message);
@@ -128,6 +136,7 @@ export class Cache implements BlockDevice {
       head: new DataHead(r.segments),
       data: new DataWriter(medium),
       stats,
+      fills: new FillGate(opts.sequentialCutoff ?? SEQUENTIAL_CUTOFF_DEFAULT),
       needSpace: () => cache?.needSpace(),
       track: (p) => cache?.track(p),
     };
@@ -246,6 +255,12 @@ export class Cache implements BlockDevice {
     });
   }
 
+  /** A pcache extension (bcache's sequential_cutoff), not persisted: read streams past n bytes are not filled. */
+  setSequentialCutoff(n: number): void {
+    if (!validCutoff(n)) throw new CacheError('Invalid argument', 'EINVAL');
+    this.core.fills.sequentialCutoff = n;
+  }
+
   get dirtyTail(): Position {
     return this.writeback.dirtyTail;
   }
@@ -275,6 +290,8 @@ export class Cache implements BlockDevice {
       openKeys: this.core.log.openKeys,
       writebackError: this.writeback.lastError,
       gcError: this.gc.lastError,
+      sequentialCutoff: this.core.fills.sequentialCutoff,
+      fillBacklogBytes: this.core.fills.backlog,
       counters: { ...this.core.stats },
     };
   }

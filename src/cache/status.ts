@@ -20,6 +20,10 @@ export interface CacheStatus {
   openKeys: number;
   writebackError: string | null;
   gcError: string | null;
+  /** pcache extension: read streams longer than this are not filled (0: no cutoff). */
+  sequentialCutoff: number;
+  /** Bytes of miss fills admitted and not yet written into the cache. */
+  fillBacklogBytes: number;
   counters: Counters;
 }
 

@@ -7,11 +7,11 @@ import { statusFields } from '../cache/status.js';
 import { openFileMedium } from '../media/file.js';
 import type { Medium } from '../media/medium.js';
 import { createNbdServer, type NbdServer } from '../nbd/server.js';
-import { parseArgs } from './args.js';
+import { parseArgs, parseSizeOption } from './args.js';
 import type { CliIo, Command } from './command.js';
 import { startControlServer, type ControlRequest, type ControlResult } from './control.js';
 import { CliError, UsageError } from './errors.js';
-import { parseGcPercentMessage, parseTableOptions, type TableOptions } from './table.js';
+import { parseMessage, parseTableOptions, type TableOptions } from './table.js';
 
 const GiB = 1024 ** 3;
 export const DEFAULT_DIR = 'pcache-data';
@@ -31,12 +31,17 @@ sparse, created when missing. <backing-dev> is a file, a block device or an NBD 
   --listen HOST:PORT  TCP address (default 127.0.0.1:${DEFAULT_PORT})
   --socket PATH       listen on a unix socket instead
   --export NAME       export name (default: the empty default export)
+  --sequential-cutoff BYTES
+                      read streams longer than this (e.g. 4M) are not filled into the
+                      cache; 0 turns the cutoff off (default 4M; a pcache extension, also
+                      set at run time with: pcache message <cache-dev> sequential_cutoff N)
 `;
 
 const SPEC = {
   listen: { type: 'string', value: 'HOST:PORT' },
   socket: { type: 'string', value: 'PATH' },
   export: { type: 'string', value: 'NAME' },
+  'sequential-cutoff': { type: 'string', value: 'BYTES' },
 } as const;
 
 export interface ServeConfig {
@@ -47,6 +52,8 @@ export interface ServeConfig {
   listen: { host: string; port: number } | null;
   socket: string | null;
   exportName: string;
+  /** Undefined: the engine's default. */
+  sequentialCutoff: number | undefined;
 }
 
 function parseListen(text: string): { host: string; port: number } {
@@ -73,6 +80,7 @@ export function parseServeArgs(argv: readonly string[]): ServeConfig {
     listen: options.socket !== undefined ? null : parseListen(options.listen ?? `127.0.0.1:${DEFAULT_PORT}`),
     socket: options.socket ?? null,
     exportName: options.export ?? '',
+    sequentialCutoff: options['sequential-cutoff'] === undefined ? undefined : parseSizeOption('sequential-cutoff', options['sequential-cutoff']),
   };
 }
 
@@ -138,7 +146,7 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
     }
     medium = await openFileMedium(cfg.cacheDev);
     backing = await openBacking(cfg.backingDev, { nbd: { log: (m) => io.err(`pcache: ${m}\n`) } });
-    cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode });
+    cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode, sequentialCutoff: cfg.sequentialCutoff });
     nbd = createNbdServer({ device: cache, exportName: cfg.exportName, description: `pcache: ${cfg.backingDev} cached by ${cfg.cacheDev}` });
   } catch (err) {
     await cache?.close().catch(() => undefined);
@@ -178,9 +186,10 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
       case 'stats':
         return { type: 'result', ok: true, data: { ...theCache.status(), nbd: theNbd.stats(), ...(theBacking.state ? { backing: theBacking.state() } : {}) } };
       case 'message': {
-        const n = parseGcPercentMessage(req.args);
-        if (n === null) return { type: 'result', ok: false, error: 'Invalid argument' };
-        await theCache.setGcPercent(n);
+        const m = parseMessage(req.args);
+        if (m === null) return { type: 'result', ok: false, error: 'Invalid argument' };
+        if (m.name === 'gc_percent') await theCache.setGcPercent(m.value);
+        else theCache.setSequentialCutoff(m.value);
         return { type: 'result', ok: true, output: '' };
       }
       case 'flush':

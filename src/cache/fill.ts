@@ -1,0 +1,90 @@
+/**
+ * Which read misses are filled into the cache, and how fill work is kept from slowing replies.
+ *
+ * A fill is a copy into the cache of data a miss has already read; the reply never waits for it.
+ * Fills run one at a time, so they take at most one thread of the I/O pool from the requests, and
+ * the bytes admitted but not yet in the cache are bounded: when the cache device cannot keep up
+ * (the page cache throttling a fast stream of misses, say), further misses are not filled at all
+ * rather than held in memory. Large sequential read streams are not filled either (bcache's
+ * sequential_cutoff): one pass over a big file would otherwise push out everything else.
+ */
+
+/** bcache's default sequential_cutoff. */
+export const SEQUENTIAL_CUTOFF_DEFAULT = 4 * 1024 * 1024;
+/** Fill bytes admitted and not yet in the cache, beyond which a miss is not filled. */
+export const FILL_BACKLOG_MAX = 8 * 1024 * 1024;
+/** Streams remembered for the cutoff; the least recently continued one is forgotten first. */
+const STREAMS_TRACKED = 64;
+
+export class FillGate {
+  private cutoff: number;
+  /** End offset of each recent read stream -> bytes read in that stream so far (Map order: least recent first). */
+  private readonly streams = new Map<number, number>();
+  private backlogBytes = 0;
+  private queue: Promise<void> = Promise.resolve();
+
+  constructor(
+    sequentialCutoff = SEQUENTIAL_CUTOFF_DEFAULT,
+    private readonly backlogMax = FILL_BACKLOG_MAX,
+  ) {
+    this.cutoff = checkCutoff(sequentialCutoff);
+  }
+
+  get sequentialCutoff(): number {
+    return this.cutoff;
+  }
+
+  set sequentialCutoff(n: number) {
+    this.cutoff = checkCutoff(n);
+    if (n === 0) this.streams.clear();
+  }
+
+  /** Bytes of fill work admitted and not yet finished. */
+  get backlog(): number {
+    return this.backlogBytes;
+  }
+
+  /**
+   * Note a read of [off, off+len); true when it carries its stream past the cutoff, so that its
+   * misses are not to be filled. A read that starts where a remembered one ended continues it.
+   */
+  beyondCutoff(off: number, len: number): boolean {
+    if (this.cutoff === 0) return false;
+    const before = this.streams.get(off) ?? 0;
+    if (before > 0) this.streams.delete(off);
+    const total = before + len;
+    this.streams.delete(off + len);
+    this.streams.set(off + len, total);
+    if (this.streams.size > STREAMS_TRACKED) this.streams.delete(this.streams.keys().next().value!);
+    return total > this.cutoff;
+  }
+
+  /**
+   * Reserve `len` bytes of fill work; false when the backlog is full. A fill larger than the
+   * whole limit still goes when nothing else is waiting, or it could never be filled.
+   */
+  admit(len: number): boolean {
+    if (this.backlogBytes > 0 && this.backlogBytes + len > this.backlogMax) return false;
+    this.backlogBytes += len;
+    return true;
+  }
+
+  /** Give back a reservation whose fill will not run (its backing read failed). */
+  release(len: number): void {
+    this.backlogBytes -= len;
+  }
+
+  /** Run an admitted fill after the ones before it; its reservation ends with it. */
+  run(len: number, work: () => Promise<void>): Promise<void> {
+    const p = this.queue.then(work).finally(() => {
+      this.backlogBytes -= len;
+    });
+    this.queue = p.catch(() => undefined);
+    return p;
+  }
+}
+
+function checkCutoff(n: number): number {
+  if (!Number.isSafeInteger(n) || n < 0) throw new RangeError(`sequential_cutoff must be a whole number of bytes >= 0, not ${n}`);
+  return n;
+}
