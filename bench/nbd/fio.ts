@@ -14,6 +14,11 @@ export interface FioJob {
   size: number;
   /** Seconds, time based; or null to do the region once (a burst or a priming pass). */
   runtime: number | null;
+  /** Durability work, the same on every server it is compared across: a FLUSH at the end, or every N writes. */
+  endFsync?: boolean;
+  fsyncEvery?: number;
+  /** Further fio options, after the others (e.g. an IOPS log). */
+  extra?: string[];
 }
 
 export interface FioFigures {
@@ -42,9 +47,12 @@ export function fioArgs(job: FioJob, uri: string, output: string): string[] {
     `--size=${slice}`,
     ...(job.numjobs > 1 ? [`--offset_increment=${slice}`] : []),
     ...(job.runtime !== null ? ['--time_based', `--runtime=${job.runtime}`] : []),
+    ...(job.endFsync ? ['--end_fsync=1'] : []),
+    ...(job.fsyncEvery ? [`--fsync=${job.fsyncEvery}`] : []),
     '--lat_percentiles=1',
     '--output-format=json',
     `--output=${output}`,
+    ...(job.extra ?? []),
   ];
 }
 

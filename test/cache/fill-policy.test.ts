@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { MemoryBacking } from '../../src/backing/memory.js';
 import { Cache } from '../../src/cache/cache.js';
-import { FILL_BACKLOG_MAX, FillGate, SEQUENTIAL_CUTOFF_DEFAULT } from '../../src/cache/fill.js';
+import { FILL_BACKLOG_MAX, FILL_KEYS_PER_SEC, FillGate, SEQUENTIAL_CUTOFF_DEFAULT } from '../../src/cache/fill.js';
 import { seededRng, testSeed } from '../helpers/rng.js';
 import { CACHE_SIZE, FAST, GatedMedium, keepProcessAlive, MiB, pattern, StoreMedium, waitFor } from './helpers.js';
 
@@ -125,5 +125,25 @@ test('a failed backing read gives its fill reservation back', async () => {
   assert.equal(cache.status().fillBacklogBytes, 0);
   assert.ok((await cache.read(0, MiB)).equals(image.subarray(0, MiB)));
   await waitFor(() => counters(cache).fillBytes === MiB, 'the retried read to be filled');
+  await cache.close();
+});
+
+test('fill keys are rate-limited: a burst of small misses fills one kset worth, then the rate', async () => {
+  const { cache, image } = await openWithImage();
+  const reads = 400;
+  const t0 = performance.now();
+  // Non-adjacent 4 KiB reads, 32 at a time: each its own stream, each wanting its own fill key.
+  for (let i = 0; i < reads; i += 32) {
+    const batch = Array.from({ length: Math.min(32, reads - i) }, (_, j) => (i + j) * 64 * 1024);
+    const got = await Promise.all(batch.map((off) => cache.read(off, 4096)));
+    for (const [j, off] of batch.entries()) assert.ok(got[j]!.equals(image.subarray(off, off + 4096)), `read at ${off}`);
+  }
+  const seconds = (performance.now() - t0) / 1000;
+  await waitFor(() => cache.status().fillBacklogBytes === 0, 'the fills to finish');
+  const c = counters(cache);
+  const allowed = 128 + Math.ceil(seconds * FILL_KEYS_PER_SEC) + 1;
+  assert.ok(c.fillBytes / 4096 >= 128, `at least one kset worth is filled (${c.fillBytes / 4096} keys)`);
+  assert.ok(c.fillBytes / 4096 <= allowed, `no more than the rate allows: ${c.fillBytes / 4096} keys in ${seconds.toFixed(2)} s`);
+  assert.equal(c.fillBytes + c.fillDroppedBytes, reads * 4096, 'every miss is either filled or dropped');
   await cache.close();
 });
