@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { MemoryBacking } from '../../src/backing/memory.js';
 import { Cache } from '../../src/cache/cache.js';
-import { FILL_BACKLOG_MAX, FILL_KEYS_PER_SEC, FillGate, SEQUENTIAL_CUTOFF_DEFAULT } from '../../src/cache/fill.js';
+import { FILL_BACKLOG_MAX, FILL_BYTES_PER_SEC, FILL_KEYS_PER_SEC, FillGate, SEQUENTIAL_CUTOFF_DEFAULT } from '../../src/cache/fill.js';
 import { seededRng, testSeed } from '../helpers/rng.js';
 import { CACHE_SIZE, FAST, GatedMedium, keepProcessAlive, MiB, pattern, StoreMedium, waitFor } from './helpers.js';
 
@@ -45,6 +45,19 @@ test('the stream tracker: a read continuing a stream adds to it, others start th
   assert.equal(gate.beyondCutoff(6 * MiB, MiB), false, '0 turns the cutoff off');
   assert.throws(() => (gate.sequentialCutoff = -1), /sequential_cutoff/);
   assert.equal(new FillGate().sequentialCutoff, SEQUENTIAL_CUTOFF_DEFAULT);
+});
+
+test('the gate admits one kset worth of keys and 32 MiB at once, then only at its rates', () => {
+  const keys = new FillGate(0, Number.MAX_SAFE_INTEGER);
+  let n = 0;
+  while (keys.admit(4096) && n < 10_000) n++;
+  // The burst, plus whatever the rate refilled while the loop ran (a key per 4 ms).
+  assert.ok(n >= 128 && n <= 130, `${n} small fills admitted at once`);
+  const bytes = new FillGate(0, Number.MAX_SAFE_INTEGER);
+  let m = 0;
+  while (bytes.admit(MiB) && m < 10_000) m++;
+  assert.ok(m >= 32 && m <= 33, `${m} 1 MiB fills admitted at once`);
+  assert.ok(FILL_BYTES_PER_SEC >= MiB && FILL_KEYS_PER_SEC >= 1);
 });
 
 test('sequential read streams past the cutoff are not filled; random reads are; 0 turns the cutoff off', async () => {
