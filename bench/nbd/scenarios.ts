@@ -25,6 +25,8 @@ export interface ScenarioRow {
   cacheState: string;
   note: string;
   error: string | null;
+  /** Which run measured it: start time (UTC), commit, load average then. */
+  run?: string;
 }
 
 export interface ScenarioResults {
@@ -471,21 +473,21 @@ export const SCENARIO_END = '<!-- bench cases: end -->';
 export function renderScenarios(res: ScenarioResults, argv: string[], commit: string): string {
   const out: string[] = [SCENARIO_START, '## Sustained writes, drains, uncached reads and durable writes (`--case`)', ''];
   out.push(
-    `Written by \`npm run bench -- ${argv.join(' ')}\` from ${res.startedAt.slice(0, 16).replace('T', ' ')} to ${res.finishedAt.slice(11, 16)} UTC, pcache at commit ${commit}. ` +
+    `Last written by \`npm run bench -- ${argv.join(' ')}\` from ${res.startedAt.slice(0, 16).replace('T', ' ')} to ${res.finishedAt.slice(11, 16)} UTC, pcache at commit ${commit}; rows of other cases are kept from their own runs (last column). ` +
       'Each case reruns on its own with `npm run bench -- --case NAME` (names below; a comma-separated list, or `all`). ' +
       'Ratios are pcache ÷ reference from the same run; above 1 is better.',
     '',
     `**The machine is shared**: 2 cores, used by other engineers' builds and tests during this run (load average ${res.loadAtStart} at the start, ${res.loadAtEnd} at the end). ` +
       'Absolute numbers are noisy; the ratios, measured side by side, are what count, and even they move by tens of percent between runs.',
     '',
-    '| case | what | pcache | reference | ratio | target | cache state | notes |',
-    '|---|---|---:|---|---:|---|---|---|',
+    '| case | what | pcache | reference | ratio | target | cache state | notes | run (UTC, commit, 1-min load) |',
+    '|---|---|---:|---|---:|---|---|---|---|',
   );
   for (const row of res.rows) {
     const ratio = row.pcache !== null && row.reference ? `${(row.pcache / row.reference).toFixed(2)}x` : '–';
     const ref = `${fmt(row.reference)} (${row.referenceLabel})`;
     const notes = [row.note, row.error ? `error: ${row.error}` : ''].filter(Boolean).join('; ');
-    out.push(`| \`${row.scenario}\` | ${row.label} | ${fmt(row.pcache)} | ${ref} | ${ratio} | ${row.target} | ${row.cacheState} | ${notes} |`);
+    out.push(`| \`${row.scenario}\` | ${row.label} | ${fmt(row.pcache)} | ${ref} | ${ratio} | ${row.target} | ${row.cacheState} | ${notes} | ${row.run ?? ''} |`);
   }
   out.push('', 'Commands (`$DIR` is the temporary directory, `$URI` the server under test):', '');
   for (const [name, cmds] of Object.entries(res.commands)) {
