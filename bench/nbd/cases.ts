@@ -101,6 +101,8 @@ export function jobFor(c: CaseSpec, runtime: number, uncachedIndex: number): Fio
     offset: region.offset,
     size: region.size,
     runtime,
+    // Every server that stores data does the same durability work: the timed run ends with a FLUSH.
+    endFsync: c.kind === 'randwrite' || c.kind === 'seqwrite',
   };
 }
 

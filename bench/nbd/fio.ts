@@ -14,10 +14,13 @@ export interface FioJob {
   size: number;
   /** Seconds, time based; or null to do the region once (a burst or a priming pass). */
   runtime: number | null;
-  /** Flush (NBD_CMD_FLUSH) once at the end, inside the measured time: the same durability on every server. */
+  /** Durability work, the same on every server it is compared across: a FLUSH at the end, or every N writes. */
   endFsync?: boolean;
+  fsyncEvery?: number;
   /** With runtime null: stop after this many seconds if the region is not done by then. */
   capSeconds?: number;
+  /** Further fio options, after the others (e.g. an IOPS log). */
+  extra?: string[];
 }
 
 export interface FioFigures {
@@ -47,9 +50,11 @@ export function fioArgs(job: FioJob, uri: string, output: string): string[] {
     ...(job.numjobs > 1 ? [`--offset_increment=${slice}`] : []),
     ...(job.runtime !== null ? ['--time_based', `--runtime=${job.runtime}`] : job.capSeconds !== undefined ? [`--runtime=${job.capSeconds}`] : []),
     ...(job.endFsync ? ['--end_fsync=1'] : []),
+    ...(job.fsyncEvery ? [`--fsync=${job.fsyncEvery}`] : []),
     '--lat_percentiles=1',
     '--output-format=json',
     `--output=${output}`,
+    ...(job.extra ?? []),
   ];
 }
 

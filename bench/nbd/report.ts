@@ -256,6 +256,10 @@ export function renderMarkdown(r: Results, where: { repo: string; mdPath: string
       `cached reads in ${REGION.cached.size / MiB} MiB at ${REGION.cached.offset / GiB} GiB, written (1 MiB writes) just before the cached-read cases; ` +
       `each uncached-read case reads its own 1 GiB region from 2 GiB up, which holds data in the backing file and was never read or written through the server. ` +
       'With several jobs, each job has its own slice of the region (`--offset_increment`).',
+    '- Every write case, on every server, ends with a FLUSH inside the timed run (fio `--end_fsync=1`): pcache and the servers that store data (nbdkit file, ' +
+      'nbdkit over the delay filter) do the same durability work; nbdkit memory, whose flush costs nothing, stays the ceiling for the cost of a request. ' +
+      "The nbdkit cache filter rows are the exception: their cache is a temporary file, so their FLUSH writes every cached block back through the delay, one at a time (minutes); they run without it. " +
+      "The durable-write cases of the `--case` section below set pcache against nbdkit file with the same flushes and report the cache file's own filesystem as the physical limit.",
     '- In the first table one server start takes all the cases. After every write case, untimed: `pcache flush` (so each case starts with nothing dirty), and fdatasync of the files under the server. ' +
       "Before every uncached-read case the backing file is dropped from the page cache (posix_fadvise DONTNEED via `dd oflag=nocache`), for nbdkit file and pcache alike; " +
       "pcache's own cache device file stays in the page cache. nbdkit memory reads unwritten regions as zeroes, with no storage behind them.",

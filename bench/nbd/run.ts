@@ -4,6 +4,7 @@
  *
  *   node --import tsx bench/nbd/run.ts [--quick] [--runtime S] [--dir DIR] [--cache-size SIZE]
  *                                      [--servers a,b] [--filter TEXT] [--md FILE] [--json FILE]
+ *   node --import tsx bench/nbd/run.ts --case NAME[,NAME...]|all [--runtime S] [--sustain-seconds S]
  */
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { promises as fsp } from 'node:fs';
@@ -15,6 +16,7 @@ import { parseArgs } from 'node:util';
 import { EXPORT_SIZE, jobFor, makePlan, MAX_UNCACHED, primeJob, primeWritesJob, REGION, warmJob, type CaseResult, type CaseSpec, type DrainResult, type Kind, type Results, type Section, type ServerRecord } from './cases.js';
 import { fioCommand, runFio, type FioJob } from './fio.js';
 import { renderMarkdown, targetLines } from './report.js';
+import { parseScenarioList, renderScenarios, runScenarios, SCENARIO_END, SCENARIO_START, SCENARIOS, spliceScenarios, type ScenarioName, type ScenarioResults } from './scenarios.js';
 import { commandLine, pcacheFlush, pcacheStats, startNbdkit, startPcache, type Server } from './servers.js';
 import {
   children,
@@ -54,6 +56,12 @@ all on unix sockets, and write BENCHMARKS.md plus bench/nbd/results.json.
   --md FILE          where the report goes (default: BENCHMARKS.md for a full run,
                      bench/nbd/out/BENCHMARKS.md for --quick, --servers or --filter)
   --json FILE        where the raw results go (default: bench/nbd/results.json, or bench/nbd/out/)
+
+  --case LIST        instead of the tables above, run these cases, each a ratio from one run
+                     (comma-separated, or all): ${SCENARIOS.join(', ')}.
+                     They go into their own section of BENCHMARKS.md (other cases' rows are kept)
+                     and bench/nbd/scenarios.json.
+  --sustain-seconds S  length of the sustained-randwrite runs (default 90; the last third counts)
 `;
 
 const ALL_SERVERS = ['memory', 'file', 'pcache', 'slow', 'nbdkit-cache', 'nbdkit-cache-4k', 'pcache-slow', 'drain'];
@@ -67,6 +75,8 @@ interface Options {
   filter: string | null;
   md: string;
   json: string;
+  cases: ScenarioName[] | null;
+  sustainSeconds: number;
 }
 
 function parseOptions(argv: string[]): Options | null {
@@ -81,6 +91,8 @@ function parseOptions(argv: string[]): Options | null {
       filter: { type: 'string' },
       md: { type: 'string' },
       json: { type: 'string' },
+      case: { type: 'string' },
+      'sustain-seconds': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
     strict: true,
@@ -96,6 +108,9 @@ function parseOptions(argv: string[]): Options | null {
   for (const s of servers) if (!ALL_SERVERS.includes(s)) throw new Error(`--servers: unknown server '${s}' (known: ${ALL_SERVERS.join(', ')})`);
   const cacheSize = parseSize(values['cache-size'] ?? '1G');
   if (cacheSize < 512 * MiB) throw new Error('--cache-size must be at least 512M');
+  const cases = values.case !== undefined ? parseScenarioList(values.case) : null;
+  const sustainSeconds = Number(values['sustain-seconds'] ?? 90);
+  if (!Number.isInteger(sustainSeconds) || sustainSeconds < 3) throw new Error(`--sustain-seconds takes whole seconds >= 3, not '${values['sustain-seconds']}'`);
   const partial = quick || values.servers !== undefined || values.filter !== undefined;
   const outDir = join(HERE, 'out');
   return {
@@ -106,7 +121,9 @@ function parseOptions(argv: string[]): Options | null {
     servers,
     filter: values.filter ?? null,
     md: resolve(values.md ?? (partial ? join(outDir, 'BENCHMARKS.md') : join(REPO, 'BENCHMARKS.md'))),
-    json: resolve(values.json ?? (partial ? join(outDir, 'results.json') : join(HERE, 'results.json'))),
+    json: resolve(values.json ?? (cases ? join(HERE, 'scenarios.json') : partial ? join(outDir, 'results.json') : join(HERE, 'results.json'))),
+    cases,
+    sustainSeconds,
   };
 }
 
@@ -344,6 +361,10 @@ async function runOnServer(ctx: Ctx, section: Section, def: ServerDef, cases: Ca
         continue;
       }
       const job = jobFor(c, ctx.opts.runtime, uncachedIndex.get(c.id) ?? 0);
+      // nbdkit's cache filter keeps its cache in a temporary file: its FLUSH writes every cached
+      // block back through the 2 ms delay, one by one (5 minutes after 10 s of 4K writes), so its
+      // rows stay without the final FLUSH, as a cache that promises no durability of its own.
+      if (def.id.startsWith('nbdkit-cache')) job.endFsync = false;
       // No flush after the server's last case: it stops next.
       ctx.results.cases.push(await runCase(ctx, section, server, c, job, settle && i < cases.length - 1));
     }
@@ -538,6 +559,8 @@ async function main(): Promise<number> {
   // The control client in this process finds the servers' sockets here.
   process.env.PCACHE_RUN_DIR = runDir;
 
+  if (opts.cases) return runCases(opts, tmp, runDir);
+
   const plan = makePlan(opts.quick, opts.runtime);
   const pick = (cases: CaseSpec[]): CaseSpec[] => (opts.filter ? cases.filter((c) => c.id.includes(opts.filter!)) : cases);
   plan.main = pick(plan.main);
@@ -624,10 +647,43 @@ async function main(): Promise<number> {
   const ENGINE_HEADING = '\n## In-process engine';
   const old = existsSync(opts.md) ? readFileSync(opts.md, 'utf8') : '';
   const at = old.indexOf(ENGINE_HEADING);
-  writeFileSync(opts.md, at >= 0 ? md.trimEnd() + '\n' + old.slice(at) : md);
+  let text = at >= 0 ? md.trimEnd() + '\n' + old.slice(at) : md;
+  // So is the --case section.
+  const a = old.indexOf(SCENARIO_START);
+  const b = old.indexOf(SCENARIO_END);
+  if (a >= 0 && b > a) text = spliceScenarios(text, old.slice(a, b + SCENARIO_END.length) + '\n', ENGINE_HEADING);
+  writeFileSync(opts.md, text);
   writeFileSync(opts.json, JSON.stringify(results, null, 2) + '\n');
   log('');
   for (const line of targetLines(results)) log(line);
+  log(`\nwrote ${relative(process.cwd(), opts.md) || opts.md} and ${relative(process.cwd(), opts.json) || opts.json}`);
+  return 0;
+}
+
+/** The --case run: the named cases, merged into the rows of earlier runs of the other cases. */
+async function runCases(opts: Options, tmp: string, runDir: string): Promise<number> {
+  const cases = opts.cases!;
+  log(`pcache bench cases: ${cases.join(', ')}; files in ${tmp}`);
+  const res = await runScenarios(
+    { repo: REPO, tmp, runDir, cacheSize: opts.cacheSize, sustainSeconds: opts.sustainSeconds, runtime: opts.runtime, log },
+    cases,
+    loadAverage,
+  );
+  if (interrupted) return 130;
+  const commit = (await run('git', ['-C', REPO, 'rev-parse', '--short', 'HEAD'])).stdout.trim() || 'unknown';
+  for (const row of res.rows) row.run = `${res.startedAt.slice(0, 16).replace('T', ' ')}, ${commit}, ${res.loadAtStart.split(' ')[0]}`;
+  const old: ScenarioResults | null = existsSync(opts.json) ? (JSON.parse(readFileSync(opts.json, 'utf8')) as ScenarioResults) : null;
+  const merged: ScenarioResults = {
+    ...res,
+    rows: [...(old?.rows ?? []).filter((r) => !cases.includes(r.scenario)), ...res.rows].sort((x, y) => SCENARIOS.indexOf(x.scenario) - SCENARIOS.indexOf(y.scenario)),
+    commands: { ...(old?.commands ?? {}), ...res.commands },
+  };
+  const block = renderScenarios(merged, process.argv.slice(2), commit);
+  const md = existsSync(opts.md) ? readFileSync(opts.md, 'utf8') : '# pcache NBD benchmarks\n';
+  mkdirSync(dirname(opts.md), { recursive: true });
+  mkdirSync(dirname(opts.json), { recursive: true });
+  writeFileSync(opts.md, spliceScenarios(md, block, '\n## In-process engine'));
+  writeFileSync(opts.json, JSON.stringify(merged, null, 2) + '\n');
   log(`\nwrote ${relative(process.cwd(), opts.md) || opts.md} and ${relative(process.cwd(), opts.json) || opts.json}`);
   return 0;
 }

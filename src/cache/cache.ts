@@ -20,6 +20,7 @@ import { DataHead } from './data-head.js';
 import { DataWriter } from './data-writer.js';
 import { CacheError } from './errors.js';
 import { FailureLog } from './failures.js';
+import { FillGate, SEQUENTIAL_CUTOFF_DEFAULT } from './fill.js';
 import { formatCache } from './format.js';
 import { Gc } from './gc.js';
 import { KsetLog } from './kset-log.js';
@@ -53,6 +54,12 @@ export interface CacheOptions {
   spaceRetryMs?: number;
   /** Where write-back, GC and space failures are logged (default: nowhere). */
   logger?: Logger;
+  /** Read streams longer than this many bytes are not filled into the cache; 0: no cutoff. Default 4 MiB. */
+  sequentialCutoff?: number;
+}
+
+function validCutoff(n: number): boolean {
+  return Number.isSafeInteger(n) && n >= 0;
 }
 
 function checkOptions(meta: CacheMeta, opts: CacheOptions): void {
@@ -103,6 +110,7 @@ export class Cache implements BlockDevice {
     if (opts.gcPercent !== undefined && (!Number.isInteger(opts.gcPercent) || opts.gcPercent < 0 || opts.gcPercent > GC_PERCENT_MAX)) {
       throw new CacheError(`gc_percent must be within 0..${GC_PERCENT_MAX}`);
     }
+    if (opts.sequentialCutoff !== undefined && !validCutoff(opts.sequentialCutoff)) throw new CacheError('sequential_cutoff must be a whole number of bytes >= 0');
     if ((opts.formatIfBlank ?? true) && (await isBlank(medium))) {
       const f = await formatCache(medium, { dataCrc: opts.dataCrc ?? false, mode: opts.cacheMode ?? 'writeback', gcPercent: opts.gcPercent ?? GC_PERCENT_DEFAULT });
       if (f instanceof FormatError) throw new CacheError(f.message);
@@ -141,6 +149,7 @@ export class Cache implements BlockDevice {
       head: new DataHead(r.segments),
       data: new DataWriter(medium),
       stats,
+      fills: new FillGate(opts.sequentialCutoff ?? SEQUENTIAL_CUTOFF_DEFAULT),
       needSpace: () => cache?.needSpace(),
       track: (p) => cache?.track(p),
     };
@@ -273,6 +282,12 @@ export class Cache implements BlockDevice {
     });
   }
 
+  /** A pcache extension (bcache's sequential_cutoff), not persisted: read streams past n bytes are not filled. */
+  setSequentialCutoff(n: number): void {
+    if (!validCutoff(n)) throw new CacheError('Invalid argument', 'EINVAL');
+    this.core.fills.sequentialCutoff = n;
+  }
+
   get dirtyTail(): Position {
     return this.writeback.dirtyTail;
   }
@@ -304,6 +319,8 @@ export class Cache implements BlockDevice {
       gcError: this.gc.lastError,
       writebackLastError: this.failures.last('writeback'),
       gcLastError: this.failures.last('gc'),
+      sequentialCutoff: this.core.fills.sequentialCutoff,
+      fillBacklogBytes: this.core.fills.backlog,
       counters: { ...this.core.stats },
     };
   }

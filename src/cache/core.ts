@@ -2,6 +2,7 @@ import type { BackingDevice } from '../backing/backing.js';
 import type { Medium } from '../media/medium.js';
 import type { DataHead } from './data-head.js';
 import type { DataWriter } from './data-writer.js';
+import type { FillGate } from './fill.js';
 import type { KeyIndex } from './key-index.js';
 import type { KsetLog } from './kset-log.js';
 import type { Segments } from './segments.js';
@@ -15,6 +16,10 @@ export interface Counters {
   readMisses: number;
   readMissBytes: number;
   fillBytes: number;
+  /** Missed bytes not filled because fill work was behind (the backlog was full). */
+  fillDroppedBytes: number;
+  /** Missed bytes not filled because their read stream was past the sequential cutoff. */
+  sequentialSkippedBytes: number;
   writes: number;
   writeBytes: number;
   fuaWrites: number;
@@ -47,6 +52,8 @@ export function newCounters(): Counters {
     readMisses: 0,
     readMissBytes: 0,
     fillBytes: 0,
+    fillDroppedBytes: 0,
+    sequentialSkippedBytes: 0,
     writes: 0,
     writeBytes: 0,
     fuaWrites: 0,
@@ -87,6 +94,8 @@ export interface CacheCore {
   /** Data writes to the cache device, gathered into vectored writes. */
   readonly data: DataWriter;
   readonly stats: Counters;
+  /** Which misses are filled, and the queue of fill work. */
+  readonly fills: FillGate;
   /** Ask GC and write-back to make room now (a write is waiting for a segment). */
   needSpace(): void;
   /** Keep track of background work (fills) that close() must wait for. */

@@ -54,6 +54,8 @@ async function readHit(core: CacheCore, h: Hit): Promise<void> {
  * The read path: hits are copied from the cache (their segments pinned so GC cannot reuse them
  * meanwhile); gaps are read from the backing device behind an EMPTY placeholder, and filled into
  * the cache afterwards, in the background, for whatever part of the placeholder no write replaced.
+ * A gap gets no placeholder and no fill when its read stream is past the sequential cutoff or fill
+ * work is behind (see fill.ts): the reply is the same either way.
  */
 export async function readData(core: CacheCore, off: number, len: number): Promise<Buffer> {
   const out = readBuffer(len);
@@ -80,6 +82,8 @@ export async function readData(core: CacheCore, off: number, len: number): Promi
     (from, to) => gaps.push({ from, to, fill: true }),
   );
   core.stats.staleKeysDropped += staleDropped;
+  // Every read counts towards its stream, hits too: a stream that hits and then misses is still one stream.
+  const pastCutoff = core.fills.beyondCutoff(off, len);
   if (gaps.length === 0) {
     core.stats.readHits++;
     // The common case, one key covering the whole read: no promise bookkeeping beyond the read.
@@ -92,20 +96,29 @@ export async function readData(core: CacheCore, off: number, len: number): Promi
   }
   const io: Promise<void>[] = hits.map((h) => readHit(core, h));
   for (const g of gaps) {
-    core.stats.readMissBytes += g.to - g.from;
+    const gapLen = g.to - g.from;
+    core.stats.readMissBytes += gapLen;
     const dst = out.subarray(g.from - off, g.to - off);
     let token: FillToken | undefined;
-    if (g.fill) {
+    if (g.fill && pastCutoff) {
+      core.stats.sequentialSkippedBytes += gapLen;
+    } else if (g.fill && !core.fills.admit(gapLen)) {
+      core.stats.fillDroppedBytes += gapLen;
+    } else if (g.fill) {
       token = { id: ++fillIds };
-      core.index.insert({ off: g.from, len: g.to - g.from, flags: KEY_FLAG_EMPTY, seg: 0, segOff: 0, gen: 0, fill: token });
+      core.index.insert({ off: g.from, len: gapLen, flags: KEY_FLAG_EMPTY, seg: 0, segOff: 0, gen: 0, fill: token });
     }
     io.push(
       core.backing.read(dst, g.from).then(
         () => {
-          if (token) core.track(fill(core, token, g.from, Buffer.from(dst)));
+          // The fill shares the reply's buffer: nothing writes to a read's result once it is read.
+          if (token) core.track(core.fills.run(gapLen, () => fill(core, token, g.from, dst)));
         },
         (err) => {
-          if (token) dropPlaceholder(core, token, g.from, g.to - g.from);
+          if (token) {
+            core.fills.release(gapLen);
+            dropPlaceholder(core, token, g.from, gapLen);
+          }
           throw ioError(err, 'backing device read failed');
         },
       ),

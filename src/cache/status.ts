@@ -24,6 +24,10 @@ export interface CacheStatus {
   /** The last write-back failure since open, kept after write-back recovers (writebackError clears). */
   writebackLastError: FailureNote | null;
   gcLastError: FailureNote | null;
+  /** pcache extension: read streams longer than this are not filled (0: no cutoff). */
+  sequentialCutoff: number;
+  /** Bytes of miss fills admitted and not yet written into the cache. */
+  fillBacklogBytes: number;
   counters: Counters;
 }
 

@@ -71,9 +71,12 @@ function simple(name: string, summary: string): Command {
 export const status = withHelp(simple('status', "print the running server's status as dmsetup status does for dm-pcache"));
 export const table = withHelp(simple('table', "print the running server's table line as dmsetup table does for dm-pcache"));
 
-const messageHelp = 'usage: pcache message <cache-dev> gc_percent <0..90>\n\nSend a dm-pcache message to the running server.\n';
+const messageHelp =
+  'usage: pcache message <cache-dev> gc_percent <0..90>\n       pcache message <cache-dev> sequential_cutoff <BYTES>\n\n' +
+  'Send a dm-pcache message to the running server. sequential_cutoff is a pcache extension (as bcache\'s):\n' +
+  'read streams longer than BYTES (e.g. 4M) are not filled into the cache; 0 turns the cutoff off.\n';
 const messageCommand: Command = {
-  summary: 'send a dm-pcache message (gc_percent N) to the running server',
+  summary: 'send a message (gc_percent N, sequential_cutoff BYTES) to the running server',
   help: messageHelp,
   async run(argv, io) {
     if (argv.length < 1) throw new UsageError('missing <cache-dev>');

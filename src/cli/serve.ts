@@ -11,12 +11,12 @@ import { SPARSE_RISK } from '../media/space.js';
 import { createLogger, LOG_LEVELS, parseLogLevel, type LogFormat, type Logger, type LogLevel } from '../log.js';
 import { createNbdServer, DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS, type NbdServer, type NbdServerObserver } from '../nbd/server.js';
 import { loadServerTls, TlsConfigError, type ServerTls, type TlsMode } from '../nbd/tls.js';
-import { parseArgs, parseHostPort, parseIntOption } from './args.js';
+import { parseArgs, parseHostPort, parseIntOption, parseSizeOption } from './args.js';
 import { processIo, type CliIo, type Command } from './command.js';
 import { listenPrivately, parseSocketAccess, startControlServer, type ControlRequest, type ControlResult, type SocketAccess } from './control.js';
 import { CliError, UsageError } from './errors.js';
 import { expandConfig } from './serve-config.js';
-import { parseGcPercentMessage, parseTableOptions, type TableOptions } from './table.js';
+import { parseMessage, parseTableOptions, type TableOptions } from './table.js';
 
 const GiB = 1024 ** 3;
 export const DEFAULT_DIR = 'pcache-data';
@@ -61,6 +61,10 @@ created when missing. <backing-dev> is a file, a block device or an NBD export
   --config FILE       read the devices and options from FILE, one 'key = value' a line:
                       cache-dev, backing-dev, table (dm-pcache's options), and the long
                       options above without their dashes (see contrib/pcache.conf.example)
+  --sequential-cutoff BYTES
+                      read streams longer than this (e.g. 4M) are not filled into the
+                      cache; 0 turns the cutoff off (default 4M; a pcache extension, also
+                      set at run time with: pcache message <cache-dev> sequential_cutoff N)
 
 A cache device is owned by one pcache at a time: an OS lock on the open device (a loop device's
 file too) refuses a second server or tool on it, by whatever path, hard link or runtime
@@ -88,6 +92,7 @@ const SPEC = {
   'log-level': { type: 'string', value: 'LEVEL' },
   'log-format': { type: 'string', value: 'text|json' },
   config: { type: 'string', value: 'FILE' },
+  'sequential-cutoff': { type: 'string', value: 'BYTES' },
 } as const;
 
 export interface ServeConfig {
@@ -108,6 +113,8 @@ export interface ServeConfig {
   metrics: { host: string; port: number } | null;
   logLevel: LogLevel;
   logFormat: LogFormat;
+  /** Undefined: the engine's default. */
+  sequentialCutoff: number | undefined;
 }
 
 function parseTlsMode(text: string | undefined): TlsMode {
@@ -159,6 +166,7 @@ export function parseServeArgs(argv: readonly string[]): ServeConfig {
     metrics: options.metrics === undefined ? null : parseHostPort('metrics', options.metrics, '127.0.0.1'),
     logLevel,
     logFormat,
+    sequentialCutoff: options['sequential-cutoff'] === undefined ? undefined : parseSizeOption('sequential-cutoff', options['sequential-cutoff']),
   };
 }
 
@@ -236,7 +244,7 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
     // First start formats a blank device: a cache file gets all its blocks first (see --sparse).
     if (!cfg.sparse && !medium.isBlockDevice && (await isBlank(medium))) await medium.allocate();
     const replayStarted = process.hrtime.bigint();
-    cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode, logger });
+    cache = await Cache.open(medium, backing, { dataCrc: cfg.table.dataCrc, cacheMode: cfg.table.cacheMode, sequentialCutoff: cfg.sequentialCutoff, logger });
     logReplay(logger, cache, Number(process.hrtime.bigint() - replayStarted) / 1e9);
     const observers: NbdServerObserver[] = [requestLogObserver(logger)];
     if (cfg.metrics) {
@@ -301,9 +309,10 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
       case 'stats':
         return { type: 'result', ok: true, data: { ...theCache.status(), nbd: theNbd.stats(), ...(theBacking.state ? { backing: theBacking.state() } : {}) } };
       case 'message': {
-        const n = parseGcPercentMessage(req.args);
-        if (n === null) return { type: 'result', ok: false, error: 'Invalid argument' };
-        await theCache.setGcPercent(n);
+        const m = parseMessage(req.args);
+        if (m === null) return { type: 'result', ok: false, error: 'Invalid argument' };
+        if (m.name === 'gc_percent') await theCache.setGcPercent(m.value);
+        else theCache.setSequentialCutoff(m.value);
         return { type: 'result', ok: true, output: '' };
       }
       case 'flush':

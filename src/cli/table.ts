@@ -1,3 +1,4 @@
+import { parseSizeOption } from './args.js';
 import { CliError, EXIT_USAGE } from './errors.js';
 
 /** dm-pcache's table options: `<n> [cache_mode writeback] [data_crc true|false]`. */
@@ -46,4 +47,20 @@ export function parseGcPercentMessage(words: readonly string[]): number | null {
   if (!/^\d+$/.test(words[1]!)) return null;
   const n = Number(words[1]);
   return n <= 90 ? n : null;
+}
+
+/**
+ * The messages a running server takes: dm-pcache's `gc_percent N`, and pcache's own
+ * `sequential_cutoff BYTES` (bcache's knob; BYTES may carry a binary unit, e.g. 4M; 0 turns it off).
+ * Exactly two words, the name in any case; anything else is null (EINVAL).
+ */
+export function parseMessage(words: readonly string[]): { name: 'gc_percent' | 'sequential_cutoff'; value: number } | null {
+  const gc = parseGcPercentMessage(words);
+  if (gc !== null) return { name: 'gc_percent', value: gc };
+  if (words.length !== 2 || words[0]!.toLowerCase() !== 'sequential_cutoff') return null;
+  try {
+    return { name: 'sequential_cutoff', value: parseSizeOption('sequential_cutoff', words[1]!) };
+  } catch {
+    return null;
+  }
 }
