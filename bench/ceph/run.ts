@@ -501,8 +501,8 @@ export function renderSection(r: CephResults): string {
     '',
     'Reading the cache-full rows: once every segment holds dirty 4 KiB keys, a new write waits until write-back has copied a kset to RBD ' +
       'and GC has freed a segment, so writes through a full pcache run at about the rate write-back drains (in bytes per second, whatever their size), while RBD alone ' +
-      'and librbd\'s small cache keep RBD\'s own rate. Write-back throughput is worked on separately (issue 11); rerun `npm run bench:ceph` ' +
-      'after it lands to see these rows move. With an empty (or clean) cache, writes are acknowledged at cache speed and reads of written data hit the cache.',
+      'and librbd\'s small cache keep RBD\'s own rate. A cache full of dirty 4 KiB random keys is the worst case for large writes: each 1 MiB ' +
+      'written waits for 256 small keys to be written back. With an empty (or clean) cache, writes are acknowledged at cache speed and reads of written data hit the cache.',
     '',
   );
   L.push('### Commands', '', '`$DIR` is the temporary directory; `OUT.json` fio\'s output.', '', '```sh');
