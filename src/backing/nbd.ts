@@ -210,8 +210,9 @@ export class NbdBacking implements BackingDevice {
   async read(buf: Buffer, offset: number): Promise<void> {
     this.checkRange('read', offset, buf.length);
     if (buf.length === 0) return;
-    const data = await this.run(`read ${offset}+${buf.length}`, (c) => c.read(offset, buf.length));
-    data.copy(buf);
+    // Straight into the caller's buffer: no second buffer of the read's size, no copy.
+    const data = await this.run(`read ${offset}+${buf.length}`, (c) => c.read(offset, buf.length, buf));
+    if (data !== buf) data.copy(buf);
   }
 
   async write(data: Buffer, offset: number): Promise<void> {

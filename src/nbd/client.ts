@@ -186,8 +186,10 @@ interface Pending {
   length: number;
   resolve: (data: Buffer | undefined) => void;
   reject: (err: Error) => void;
-  /** READ with structured replies: assembled data and how many bytes chunks covered. */
+  /** READ: where the data goes (the caller's buffer, or one made here) and how many bytes chunks covered. */
   data?: Buffer;
+  /** READ into the caller's buffer: the reply is copied straight into `data`, never handed over as a view. */
+  into: boolean;
   covered: number;
   error?: NbdRequestError;
 }
@@ -534,16 +536,22 @@ export class NbdClient implements BlockDevice {
     return this.pending.size;
   }
 
-  /** Reads; requests larger than the server's maximum block size are split. */
-  async read(offset: number, length: number): Promise<Buffer> {
+  /**
+   * Reads; requests larger than the server's maximum block size are split. With `into` (of
+   * `length` bytes) the data is copied from the socket straight into it and `into` is returned:
+   * no buffer of the request's size is allocated, which for large reads is what the garbage
+   * collector would otherwise spend its time on.
+   */
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     this.checkRange(offset, length);
-    if (length === 0) return Buffer.alloc(0);
-    if (length <= this.maxRequest) return (await this.request(NBD_CMD_READ, 0, offset, length))!;
-    const out = Buffer.allocUnsafe(length);
-    const parts: Promise<void>[] = [];
+    if (into && into.length !== length) throw new RangeError(`read into a buffer of ${into.length} bytes, not ${length}`);
+    if (length === 0) return into ?? Buffer.alloc(0);
+    if (length <= this.maxRequest) return (await this.request(NBD_CMD_READ, 0, offset, length, undefined, into))!;
+    const out = into ?? Buffer.allocUnsafe(length);
+    const parts: Promise<unknown>[] = [];
     for (let at = 0; at < length; at += this.maxRequest) {
       const n = Math.min(this.maxRequest, length - at);
-      parts.push(this.request(NBD_CMD_READ, 0, offset + at, n).then((d) => void d!.copy(out, at)));
+      parts.push(this.request(NBD_CMD_READ, 0, offset + at, n, undefined, out.subarray(at, at + n)));
     }
     await Promise.all(parts);
     return out;
@@ -647,7 +655,7 @@ export class NbdClient implements BlockDevice {
   }
 
   /** Sends one request and resolves with its data (READ) when the reply is complete. */
-  async request(type: number, flags: number, offset: number, length: number, payload?: Buffer): Promise<Buffer | undefined> {
+  async request(type: number, flags: number, offset: number, length: number, payload?: Buffer, into?: Buffer): Promise<Buffer | undefined> {
     if (this.failure) throw this.failure;
     if (this.disconnecting) throw new Error('NBD client is disconnecting');
     while (this.pending.size >= this.maxInFlight) {
@@ -656,7 +664,7 @@ export class NbdClient implements BlockDevice {
     }
     const handle = this.nextHandle++;
     const result = new Promise<Buffer | undefined>((resolve, reject) => {
-      this.pending.set(handle, { type, handle, offset, length, resolve, reject, covered: 0 });
+      this.pending.set(handle, { type, handle, offset, length, resolve, reject, covered: 0, into: into !== undefined, ...(into ? { data: into } : {}) });
     });
     const header = encodeRequestHeader({ type, flags, handle, offset, length });
     if (!this.corked) {
@@ -752,7 +760,10 @@ export class NbdClient implements BlockDevice {
           this.finish(p, this.requestError(p, error));
         } else if (p.type === NBD_CMD_READ) {
           if (this.structuredReplies) return this.protocolError('simple reply to a READ after structured replies were negotiated');
-          if (q.length >= p.length) {
+          if (p.into) {
+            const target = p.data!;
+            this.state = { kind: 'fill', target, filled: 0, done: () => this.finish(p, undefined, target) };
+          } else if (q.length >= p.length) {
             // Already here: usually a view of one socket chunk, no copy.
             this.finish(p, undefined, q.take(p.length));
           } else {
@@ -805,7 +816,7 @@ export class NbdClient implements BlockDevice {
       this.chunkDone(p, flags);
     };
     const q = this.queue;
-    if (n === p.length && p.covered === 0 && q.length >= n) {
+    if (!p.into && n === p.length && p.covered === 0 && q.length >= n) {
       // The usual single chunk, already received: hand it over as it is.
       p.data = q.take(n);
       return done();

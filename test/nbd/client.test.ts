@@ -137,6 +137,18 @@ for (const structured of [true, false]) {
       for (let i = 0; i < big.length; i += 4096) big.writeUInt32BE(i, i);
       await c.write(16 * MiB, big);
       assert.ok((await c.read(16 * MiB, 40 * MiB)).equals(big));
+      // Reads into the caller's buffer: split or not, the data lands there and that buffer comes back;
+      // a never-written range (a hole chunk, where the server sends one) overwrites stale bytes with zeros.
+      const into = Buffer.alloc(40 * MiB, 0xaa);
+      assert.equal(await c.read(16 * MiB, 40 * MiB, into), into);
+      assert.ok(into.equals(big));
+      const small = Buffer.alloc(64 * 1024, 0xaa);
+      assert.equal(await c.read(16 * MiB + 4096, small.length, small), small);
+      assert.ok(small.equals(big.subarray(4096, 4096 + small.length)));
+      const hole = Buffer.alloc(1 * MiB, 0xaa);
+      await c.read(60 * MiB, hole.length, hole);
+      assert.ok(hole.equals(Buffer.alloc(hole.length)), 'an unwritten range reads as zeros into the buffer');
+      await assert.rejects(c.read(0, 10, Buffer.alloc(9)), RangeError);
       await c.disconnect();
       await assert.rejects(c.read(0, 512), /disconnect|closed/);
       assert.deepEqual(await listNbdExports(kit.uri), [{ name: '', description: '' }]);
