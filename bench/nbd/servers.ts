@@ -218,7 +218,8 @@ export async function pcacheFlush(cacheDev: string): Promise<void> {
 
 export async function startPcache(spec: PcacheSpec): Promise<Server> {
   await fsp.rm(spec.socket, { force: true });
-  const args = [...(spec.nodeArgs ?? []), '--import', 'tsx', join(spec.repo, 'src/cli/main.ts'), 'serve', spec.cacheDev, spec.backingDev, '--socket', spec.socket];
+  // Through bin/pcache.js, as a user starts it: it sizes libuv's thread pool before the pool exists.
+  const args = [...(spec.nodeArgs ?? []), join(spec.repo, 'bin/pcache.js'), 'serve', spec.cacheDev, spec.backingDev, '--socket', spec.socket];
   const env = { ...process.env, PCACHE_RUN_DIR: spec.runDir };
   const p = startProc(process.execPath, args, { cwd: spec.repo, env, log: spec.log });
   const stopBelow = async (): Promise<void> => {

@@ -55,8 +55,8 @@ export class KsetLog {
   /** Every kset numbered up to this is durable. -1: no sync has completed since open. */
   private seqSynced = -1;
   /**
-   * The ksets numbered above seqSynced, oldest first. Short: every kset write syncs first, which
-   * covers all before it, so this holds the last kset or two (a kset and the LAST kset after it).
+   * The ksets numbered above seqSynced, oldest first. Short: every batch of kset writes syncs
+   * first, which covers all before it, so this holds the last batch and the LAST kset after it.
    */
   private unsynced: Array<{ seg: number; off: number; seq: number }> = [];
 
@@ -148,44 +148,63 @@ export class KsetLog {
 
   private async writeQueued(): Promise<void> {
     while (this.open.length > 0) {
-      const keys = this.open.splice(0, KSET_KEYS_MAX);
+      // Every kset queued by now goes in one batch: when syncs are slower than keys arrive, closes
+      // pile up behind the one in flight, and one sync serves them all instead of one each.
+      const batch: Key[][] = [];
+      for (let i = 0; i < this.open.length; i += KSET_KEYS_MAX) batch.push(this.open.slice(i, i + KSET_KEYS_MAX));
+      this.open = [];
       try {
-        await this.writeKset(keys);
+        while (batch.length > 0) await this.writeKsets(batch);
       } catch (err) {
-        this.open.unshift(...keys);
+        // The ksets not written yet go back in front of any key appended meanwhile.
+        this.open.unshift(...batch.flat());
         throw err;
       }
     }
   }
 
-  private async writeKset(keys: Key[]): Promise<void> {
+  /** Write the first ksets of `batch` (as many as fit in the log's segment), taking them off it. */
+  private async writeKsets(batch: Key[][]): Promise<void> {
     try {
-      await this.writeKsetAtHead(keys);
+      await this.writeKsetsAtHead(batch);
     } catch (err) {
       // A sparse cache file on a full filesystem: the rest of this segment has no blocks. The log
       // goes on in another segment, which may have them (the page at key_head has: the end marker
       // was written there), rather than fail every FLUSH from here on.
       if (!isNoSpace(err)) throw err;
       await this.switchSegment();
-      await this.writeKsetAtHead(keys);
+      await this.writeKsetsAtHead(batch);
     }
   }
 
-  private async writeKsetAtHead(keys: Key[]): Promise<void> {
-    const size = ksetSize(keys.length);
-    if (SEG_DATA_SIZE - this.head.off < size + KSET_HEADER_SIZE) await this.switchSegment();
-    const at = dataOffset(this.physOf[this.head.seg]!, this.head.off);
-    // The end marker after the kset goes first, made durable by the same sync as the data the
-    // keys point to. Written only with the kset, a power cut could keep the kset and lose the
-    // marker (another sector), and replay would read on into what an earlier lap left there.
-    await this.medium.write(LOG_END, at + size);
+  private async writeKsetsAtHead(batch: Key[][]): Promise<void> {
+    if (SEG_DATA_SIZE - this.head.off < ksetSize(batch[0]!.length) + KSET_HEADER_SIZE) await this.switchSegment();
+    const phys = this.physOf[this.head.seg]!;
+    // The ksets that fit in this segment, each leaving room for a LAST kset after it.
+    const offs: number[] = [];
+    let end = this.head.off;
+    while (offs.length < batch.length && SEG_DATA_SIZE - end >= ksetSize(batch[offs.length]!.length) + KSET_HEADER_SIZE) {
+      offs.push(end);
+      end += ksetSize(batch[offs.length - 1]!.length);
+    }
+    // An end marker after each kset goes first, made durable by the same sync as the data the keys
+    // point to. Written only with the kset, a power cut could keep the kset and lose the marker
+    // (another sector), and replay would read on into what an earlier lap left there. A marker
+    // inside the batch is overwritten by the next kset, but that write may be lost or torn while
+    // the kset before it is kept: replay then meets the marker (or a kset that fails its crc).
+    // Every kset's own marker is durable before the kset is written, as with one kset per sync.
+    for (let i = 0; i < offs.length; i++) await this.medium.write(LOG_END, dataOffset(phys, offs[i]! + ksetSize(batch[i]!.length)));
     await this.sync();
-    await this.medium.write(encodeKset(keys, KSET_HEADER_SIZE), at);
-    // Not durable yet: a later sync (the next kset's, a FLUSH's, write-back's) makes it so.
-    this.noteWritten(this.head);
-    this.head = { seg: this.head.seg, off: this.head.off + size };
-    this.ksetsWritten++;
-    this.hooks.written();
+    for (const off of offs) {
+      const keys = batch[0]!;
+      await this.medium.write(encodeKset(keys, KSET_HEADER_SIZE), dataOffset(phys, off));
+      // Not durable yet: a later sync (the next batch's, a FLUSH's, write-back's) makes it so.
+      batch.shift();
+      this.noteWritten(this.head);
+      this.head = { seg: this.head.seg, off: off + ksetSize(keys.length) };
+      this.ksetsWritten++;
+      this.hooks.written();
+    }
   }
 
   private async allocateSegment(): Promise<number> {

@@ -13,6 +13,12 @@ export const WB_WRITE_MAX = 1024 * 1024;
 export const WB_BYTES_IN_FLIGHT = 32 * 1024 * 1024;
 /** Ksets decoded ahead of the one being written back (their data read as the byte budget allows). */
 const WB_AHEAD_KSETS = 8;
+/**
+ * Consecutive clean-only ksets (fill keys only) whose dirty_tail updates are folded into one. GC
+ * waits for the persisted dirty_tail, so the batch is kept short and ends whenever write-back
+ * goes idle, stops, or reaches a kset with something to write.
+ */
+const WB_CLEAN_BATCH = 16;
 const BACKOFF_MIN_MS = 100;
 const BACKOFF_MAX_MS = 5000;
 
@@ -171,6 +177,8 @@ export function dataCrcMessage(key: Key, actual: number): string {
  *   the backing device back in time. (A crash leaves the backing device as K complete plus part
  *   of K+1: a prefix of the log, as without overlap.) If K's update fails, write-back stops
  *   copying K+1, reports the error and resumes later from the persisted dirty_tail (K).
+ * A kset with nothing to write (only CLEAN fill keys) costs no backing flush, and the dirty_tail
+ * updates of up to WB_CLEAN_BATCH such ksets in a row are folded into one (see step()).
  * GC and drain() see only the persisted dirty_tail (`dirtyTail`, `clean`), never one in flight.
  */
 export class Writeback {
@@ -186,6 +194,11 @@ export class Writeback {
   private persisting: Promise<void> | null = null;
   /** The backing ranges of the kset whose dirty_tail update is in flight (none for a LAST kset). */
   private persistingRanges: Ranges | null = null;
+  /**
+   * Clean-only ksets passed but not yet persisted: their dirty_tail update is folded into the next
+   * one (see step()). Dropped on a restart: the ksets are simply passed again.
+   */
+  private deferred: { to: Position; count: number; done: Array<() => void> } | null = null;
   /** A dirty_tail update failed; not yet reported. */
   private persistFailed: { err: unknown } | null = null;
   private readonly budget: ByteBudget;
@@ -290,7 +303,16 @@ export class Writeback {
         break;
       }
       // (Waiters are woken, and GC kicked, as each dirty_tail update completes: beginAdvance().)
-      if (this.stopped) break;
+      if (this.stopped) {
+        // Clean ksets passed before the stop are not passed again on the next start.
+        try {
+          await this.persistDeferred();
+        } catch (err) {
+          this.restartFrom(this.dirtyTailPos);
+          next = this.failed(err);
+        }
+        break;
+      }
       if (progressed) continue;
       if (!this.again) break;
     }
@@ -316,6 +338,7 @@ export class Writeback {
   /** Go on from `pos` (the persisted dirty_tail after an error): what was read ahead is dropped. */
   private restartFrom(pos: Position): void {
     this.cursor = pos;
+    this.deferred = null;
     this.dropReadAhead(pos);
   }
 
@@ -327,7 +350,12 @@ export class Writeback {
     const { core } = this;
     const next = this.nextKset();
     if (!next) {
-      // Idle: the dirty_tail update in flight lands first (drain() waits for it; a failure is reported).
+      // Idle: clean ksets passed are persisted now, so GC may collect them.
+      if (this.deferred) {
+        await this.persistDeferred();
+        return true;
+      }
+      // The dirty_tail update in flight lands first (drain() waits for it; a failure is reported).
       await this.settleAdvance();
       return false;
     }
@@ -335,8 +363,23 @@ export class Writeback {
     if (k.last) {
       // Updates reach the two-slot record one at a time, in log order.
       await this.settleAdvance();
-      this.beginAdvance(k.end, null, () => undefined);
+      this.beginAdvance(k.end, null, this.takeDeferredDone(() => undefined));
       this.cursor = k.end;
+      return true;
+    }
+    if (k.jobs.length === 0) {
+      // Every key is CLEAN (fills) or stale: nothing goes to the backing device, so there is no
+      // backing write for a FLUSH to order (spec section 6, step 5) and the backing device is
+      // unchanged. Its dirty_tail update is folded into the next one: a crash before that only
+      // makes write-back pass these ksets again, and GC waits for the persisted dirty_tail, so
+      // key_tail <= dirty_tail holds on media throughout.
+      const done = (): void => {
+        core.stats.writtenBackKsets++;
+        core.stats.dirtyBytes = Math.max(0, core.stats.dirtyBytes - k.dirtyBytes);
+      };
+      this.deferred = { to: k.end, count: (this.deferred?.count ?? 0) + 1, done: [...(this.deferred?.done ?? []), done] };
+      this.cursor = k.end;
+      if (this.deferred.count >= WB_CLEAN_BATCH) await this.persistDeferred();
       return true;
     }
     // The kset before this one, if its dirty_tail update is still in flight (see the class comment).
@@ -380,12 +423,17 @@ export class Writeback {
     // The previous kset's dirty_tail update completes before this kset's flush and its own update.
     await this.settleAdvance();
     await core.backing.flush();
-    // Not awaited: the next kset is written while this update is on its way.
-    this.beginAdvance(k.end, k.ranges, () => {
-      core.stats.writtenBackBytes += bytes;
-      core.stats.writtenBackKsets++;
-      core.stats.dirtyBytes = Math.max(0, core.stats.dirtyBytes - k.dirtyBytes);
-    });
+    // Not awaited: the next kset is written while this update is on its way. It also covers the
+    // clean ksets passed just before this one.
+    this.beginAdvance(
+      k.end,
+      k.ranges,
+      this.takeDeferredDone(() => {
+        core.stats.writtenBackBytes += bytes;
+        core.stats.writtenBackKsets++;
+        core.stats.dirtyBytes = Math.max(0, core.stats.dirtyBytes - k.dirtyBytes);
+      }),
+    );
     this.cursor = k.end;
     return true;
   }
@@ -550,6 +598,24 @@ export class Writeback {
       this.persisting = null;
       this.persistingRanges = null;
     });
+  }
+
+  /** Start persisting the clean ksets passed, once the update in flight has landed (throws if it failed). */
+  private async persistDeferred(): Promise<void> {
+    if (!this.deferred) return;
+    await this.settleAdvance();
+    const to = this.deferred.to;
+    this.beginAdvance(to, null, this.takeDeferredDone(() => undefined));
+  }
+
+  /** `done` for an update that also covers the deferred clean ksets (which it takes). */
+  private takeDeferredDone(done: () => void): () => void {
+    const before = this.deferred?.done ?? [];
+    this.deferred = null;
+    return () => {
+      for (const f of before) f();
+      done();
+    };
   }
 
   /** For the copy of the next kset: stop if the update before failed (left for the loop to report). */

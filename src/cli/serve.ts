@@ -129,6 +129,16 @@ function parseSeconds(name: string, text: string): number {
   return Math.round(n * 1000);
 }
 
+/**
+ * libuv's thread pool size as this process started it: UV_THREADPOOL_SIZE when set (libuv clamps
+ * it to 1..1024), else libuv's default of 4. bin/pcache.js sets 16 before the pool exists; stats
+ * reports the figure so a server started some other way (with the default 4) is visible.
+ */
+function threadpoolSize(env: NodeJS.ProcessEnv): number {
+  const n = Number.parseInt(env.UV_THREADPOOL_SIZE ?? '', 10);
+  return Number.isFinite(n) && n > 0 ? Math.min(n, 1024) : 4;
+}
+
 function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || /^127\./.test(host) || /^::ffff:127\./i.test(host);
 }
@@ -300,6 +310,7 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
   };
 
   const spaceWatch = watchSpaceWaits(logger, theCache);
+  const poolThreads = threadpoolSize(process.env);
   const handle = async (req: ControlRequest, progress: (d: unknown) => void): Promise<ControlResult> => {
     switch (req.cmd) {
       case 'status':
@@ -307,7 +318,7 @@ export async function serve(cfg: ServeConfig, io: CliIo): Promise<{ stopped: Pro
       case 'table':
         return { type: 'result', ok: true, output: tableLine(cfg, theCache) };
       case 'stats':
-        return { type: 'result', ok: true, data: { ...theCache.status(), nbd: theNbd.stats(), ...(theBacking.state ? { backing: theBacking.state() } : {}) } };
+        return { type: 'result', ok: true, data: { ...theCache.status(), threadpoolSize: poolThreads, nbd: theNbd.stats(), ...(theBacking.state ? { backing: theBacking.state() } : {}) } };
       case 'message': {
         const m = parseMessage(req.args);
         if (m === null) return { type: 'result', ok: false, error: 'Invalid argument' };

@@ -23,12 +23,12 @@ export interface CliResult {
   stderr: string;
 }
 
-/** `pcache <args>` as a child process (`node --import tsx src/cli/main.ts`), from the repo root. */
+/** `pcache <args>` as a child process (`node bin/pcache.js`, the source checkout's entry), from the repo root. */
 export function runPcache(args: readonly string[], opts: { timeoutMs?: number } = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     execFile(
       process.execPath,
-      ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), ...args],
+      [join(REPO_ROOT, 'bin/pcache.js'), ...args],
       { cwd: REPO_ROOT, env: { ...process.env, PCACHE_RUN_DIR: runDir }, timeout: opts.timeoutMs ?? 60_000, maxBuffer: 256 * 1024 * 1024 },
       (err, stdout, stderr) => {
         if (err && typeof err.code !== 'number') return reject(err);

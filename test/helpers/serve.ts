@@ -33,7 +33,8 @@ export async function startServe(
   env: NodeJS.ProcessEnv = process.env,
 ): Promise<ServeProc> {
   const socket = join(dir, `nbd-${Math.random().toString(36).slice(2, 8)}.sock`);
-  const proc = spawn(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'serve', cacheDev, backingDev, ...tableOpts, '--socket', socket, ...extra], {
+  // Through bin/pcache.js, as a user starts it (it sizes libuv's thread pool before the pool exists).
+  const proc = spawn(process.execPath, [join(REPO_ROOT, 'bin/pcache.js'), 'serve', cacheDev, backingDev, ...tableOpts, '--socket', socket, ...extra], {
     cwd: REPO_ROOT,
     env,
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -18,7 +18,7 @@ const MiB = 1024 * 1024;
 
 /** `pcache <args>` with its own environment (another runtime directory). */
 function pcacheWithEnv(args: string[], env: NodeJS.ProcessEnv): ReturnType<typeof run> {
-  return run(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), ...args], { env, timeoutMs: 60_000 });
+  return run(process.execPath, [join(REPO_ROOT, 'bin/pcache.js'), ...args], { env, timeoutMs: 60_000 });
 }
 
 async function qemuIo(uri: string, cmds: string[]): Promise<void> {

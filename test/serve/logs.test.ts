@@ -163,7 +163,7 @@ test('serve --config FILE: the file gives the devices and options; mistakes name
 
 /** `pcache serve --config FILE` as a child, ready once it prints its status line. */
 async function startServeFromConfig(conf: string): Promise<{ stop(): Promise<void> }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'serve', '--config', conf], {
+  const child = spawn(process.execPath, [join(REPO_ROOT, 'bin/pcache.js'), 'serve', '--config', conf], {
     cwd: REPO_ROOT,
     env: process.env,
     stdio: ['ignore', 'pipe', 'pipe'],
