@@ -8,7 +8,7 @@
  * PCACHE_SEED replays the random choices (the kill moments depend on timing).
  */
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
+import { access, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { runPcacheInProcess } from '../helpers/cli.js';
@@ -30,6 +30,7 @@ uri, seed, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 lo, hi = int(sys.argv[4]), int(sys.argv[5])
 h = nbd.NBD()
 h.connect_uri(uri)
+open(sys.argv[6], "w").close()
 rnd = random.Random(seed)
 wid = first
 batch = 0
@@ -54,6 +55,22 @@ try:
 except nbd.Error as e:
     say("E %s" % e)
 `;
+
+/** Wait until every path exists (each writer creates its own once connected). */
+async function waitForFiles(paths: string[], timeoutMs: number): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (const p of paths) {
+    for (;;) {
+      try {
+        await access(p);
+        break;
+      } catch {
+        if (Date.now() > until) throw new Error(`a writer did not connect within ${timeoutMs} ms (${p})`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+  }
+}
 
 const READER = `
 import nbd, sys
@@ -167,8 +184,11 @@ test(`SIGKILL loop: pcache serve under a libnbd client, killed ${KILLS} times; f
     for (let round = 0; round < KILLS; round++) {
       // Two writers on the two halves of the device, so requests are in flight together.
       const writers = [0, 1].map((k) =>
-        runPython(WRITER, [srv.uri, String(rng.int(2 ** 31)), String(model.nextId + k * 1_000_000), String((k * BACKING_SIZE) / 2), String(((k + 1) * BACKING_SIZE) / 2)], 60_000),
+        runPython(WRITER, [srv.uri, String(rng.int(2 ** 31)), String(model.nextId + k * 1_000_000), String((k * BACKING_SIZE) / 2), String(((k + 1) * BACKING_SIZE) / 2), join(dir, `ready-${round}-${k}`)], 60_000),
       );
+      // The kill lands while both write: on a loaded machine python may take longer to start and
+      // connect than the delay below, and a writer that never connected has nothing to check.
+      await waitForFiles([0, 1].map((k) => join(dir, `ready-${round}-${k}`)), 30_000);
       await new Promise((r) => setTimeout(r, 300 + rng.int(1500)));
       await srv.kill('SIGKILL');
       const outs = await Promise.all(writers);

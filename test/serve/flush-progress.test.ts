@@ -23,8 +23,9 @@ test('flush shows progress lines, and with a failing backing gives up after --ti
   const data = join(dir, 'data.bin');
   await writeFile(data, randomBytes(8 * MiB));
 
-  // A backing that works, slowed so the flush lasts long enough for progress lines.
-  const slow = await startNbdkit(dir, ['--filter=delay', 'file', disk, 'delay-write=20ms'], 'slow');
+  // A backing that works, slowed so that data is still dirty when `pcache flush` starts (a loaded
+  // machine may take seconds to start the CLI), and the flush has something to report.
+  const slow = await startNbdkit(dir, ['--filter=delay', 'file', disk, 'delay-write=3s'], 'slow');
   t.after(() => slow.stop());
   const cache = await sparseFile(join(dir, 'cache.img'), 512 * MiB);
   const srv = await startServe(dir, cache, slow.uri);
