@@ -25,7 +25,7 @@ test('flush shows progress lines, and with a failing backing gives up after --ti
 
   // A backing that works, slowed so that data is still dirty when `pcache flush` starts (a loaded
   // machine may take seconds to start the CLI), and the flush has something to report.
-  const slow = await startNbdkit(dir, ['--filter=delay', 'file', disk, 'delay-write=3s'], 'slow');
+  const slow = await startNbdkit(dir, ['--filter=delay', 'file', disk, 'delay-write=3'], 'slow');
   t.after(() => slow.stop());
   const cache = await sparseFile(join(dir, 'cache.img'), 512 * MiB);
   const srv = await startServe(dir, cache, slow.uri);
